@@ -1,0 +1,365 @@
+"""Tests for metrics.py: AV-Align on synthetic clips with known hit times and against an independent transcription of
+the official scripts, Frechet distances against closed forms, the FVD / FAD / ImageBind paths with stand-in feature
+extractors, and the command end to end on a folder of tiny mp4s."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import librosa
+import numpy as np
+import pytest
+import scipy.linalg
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import metrics  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # stand-ins for a TorchScript file
+
+FPS, SR, SIZE, T = 8, 16000, 64, 32  # 4 s clips at the paper's 8 fps and 16 kHz, 64x64 to stay fast
+HITS = [5, 13, 22]  # frames at which the bar strikes
+
+
+def make_frames(hits=HITS, seed=0, num_frames=T):
+    """A textured bar that moves 1 px, then 6 px onto the hit frame, then bounces back by 3, 2, 1 px: the mean flow
+    has a strict local maximum exactly at every hit frame."""
+    texture = np.random.default_rng(seed).integers(0, 256, (8, 40, 3), dtype=np.uint8)
+    y = np.full(num_frames, 8)
+    for k in hits:
+        for d, pos in zip(range(-1, 4), [9, 15, 12, 10, 9]):
+            if 0 <= k + d < num_frames:
+                y[k + d] = pos
+    frames = np.full((num_frames, SIZE, SIZE, 3), 40, np.uint8)
+    for t in range(num_frames):
+        frames[t, y[t]:y[t] + 8, 12:52] = texture
+    return frames
+
+
+def make_audio(times, seed=0, gap=None):
+    """Silence with a 30 ms decaying noise click at each time (two clicks gap s apart when gap is set)."""
+    rng, y = np.random.default_rng(seed), np.zeros(4 * SR, np.float32)
+    click = (rng.standard_normal(480) * np.exp(-np.arange(480) / 80)).astype(np.float32)
+    for t in times:
+        for s in ([t] if gap is None else [t - gap / 2, t + gap / 2]):
+            i = int(round(s * SR))
+            y[i:i + 480] += click[:len(y[i:i + 480])]
+    return 0.5 * y / max(np.abs(y).max(), 1e-9)
+
+
+HIT_TIMES = [k / FPS for k in HITS]
+
+
+def write_clip(path, frames, audio, fps=FPS, wav=True):
+    """H.264 mp4 with the audio as its AAC track (imageio-ffmpeg), plus a same-stem 16-bit wav when wav is set."""
+    track = Path(path).with_suffix(".wav") if wav else Path(path).with_name(Path(path).stem + "_track.wav")
+    sf.write(track, audio, SR, subtype="PCM_16")
+    gen = imageio_ffmpeg.write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+                                      pix_fmt_out="yuv420p", quality=None, audio_path=str(track), audio_codec="aac",
+                                      output_params=["-crf", "18", "-ar", str(SR), "-ac", "1", "-shortest"])
+    gen.send(None)
+    for f in frames:
+        gen.send(np.ascontiguousarray(f))
+    gen.close()
+    if not wav:
+        track.unlink()
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- independent reference transcription
+def official_reference(mp4, wav):
+    """The official algorithms transcribed from their description (shared/notes/metrics.md 1.1-1.2), as literally as
+    they are written there: TempoTokens 2023 (Eq. 12), TempoTokens 2025 and the paper's SVG_baseline script (Eq. 14).
+    Undefined scores (division by zero) are None."""
+    cap, frames = cv2.VideoCapture(str(mp4)), []
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    while True:
+        ret, frame = cap.read()
+        if not ret:
+            break
+        frames.append(frame)
+    cap.release()
+
+    def flow(img1, img2):
+        prev, curr = cv2.cvtColor(img1, cv2.COLOR_BGR2GRAY), cv2.cvtColor(img2, cv2.COLOR_BGR2GRAY)
+        f = cv2.calcOpticalFlowFarneback(prev, curr, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        return cv2.mean(cv2.magnitude(f[..., 0], f[..., 1]))[0]
+
+    traj = []
+    for i in range(len(frames)):
+        traj.append(flow(frames[0], frames[1]) if i == 0 else flow(frames[i - 1], frames[i]))
+
+    def peaks(arr, threshold):
+        return [i / fps for i in range(1, len(arr) - 1) if arr[i - 1] < arr[i] > arr[i + 1] and arr[i] >= threshold]
+
+    y, sr = librosa.load(str(wav))
+    env = librosa.onset.onset_strength(y=y, sr=sr)
+    onsets = list(librosa.frames_to_time(librosa.onset.onset_detect(onset_envelope=env, sr=sr), sr=sr))
+    V, V25 = peaks(traj, -np.inf), peaks(traj, 0.1)
+
+    c = 0  # 2023: each onset counts once if any peak is in its window
+    for a in onsets:
+        for v in V:
+            if v - 1 / fps < a < v + 1 / fps:
+                c += 1
+                break
+    c25, used = 0, [False] * len(V25)  # 2025: greedy one-to-one
+    for a in onsets:
+        for j, v in enumerate(V25):
+            if not used[j] and v - 1 / fps < a < v + 1 / fps:
+                used[j], c25 = True, c25 + 1
+                break
+    p = sum(any(v - 1 / fps < a < v + 1 / fps for v in V) for a in onsets) / len(onsets) if onsets else 0
+    r = sum(any(a - 1 / fps < v < a + 1 / fps for a in onsets) for v in V) / len(V) if V else 0
+    scores = {"iou": p * r / (p + r - p * r) if p > 0 or r > 0 else 0.0,
+              "official": c / (len(onsets) + len(V) - c) if onsets or V else None,
+              "official_2025": c25 / (len(onsets) + len(V25) - c25) if onsets or V25 else None}
+    return np.array(traj), np.array(onsets), scores
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """Tiny mp4 + wav clips: aligned, shifted by 0.5 s, random clicks, two clicks per hit, silent and static."""
+    d, rng = tmp_path_factory.mktemp("clips"), np.random.default_rng(3)
+    audio = {"aligned": make_audio(HIT_TIMES), "shifted": make_audio([t + 0.5 for t in HIT_TIMES]),
+             "random": make_audio(rng.uniform(0.2, 3.8, 4), seed=1), "double": make_audio(HIT_TIMES, gap=0.08),
+             "silent": np.zeros(4 * SR, np.float32)}
+    for name, a in audio.items():
+        write_clip(d / f"{name}.mp4", make_frames(hits=[] if name == "silent" else HITS), a)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------ AV-Align
+def test_aligned_scores_above_shifted_and_random():
+    frames = make_frames()
+    aligned = {v: metrics.av_align(frames, FPS, make_audio(HIT_TIMES), SR, v) for v in metrics.VARIANTS}
+    shifted = {v: metrics.av_align(frames, FPS, make_audio([t + 0.5 for t in HIT_TIMES]), SR, v)
+               for v in metrics.VARIANTS}
+    assert all(aligned[v] >= 0.9 and shifted[v] < aligned[v] for v in metrics.VARIANTS), (aligned, shifted)
+    for seed in range(3):
+        times = np.random.default_rng(seed).uniform(0.2, 3.8, 3)
+        rand = metrics.av_align(frames, FPS, make_audio(times, seed=seed), SR, "iou")
+        assert rand < aligned["iou"]
+
+
+def test_peaks_and_onsets_land_on_the_hits():
+    assert np.allclose(metrics.video_peaks(metrics.flow_trajectory(make_frames()), FPS), HIT_TIMES)
+    onsets = metrics.audio_onsets(make_audio(HIT_TIMES), SR)
+    assert len(onsets) == len(HITS) and np.all(np.abs(onsets - HIT_TIMES) < 0.5 / FPS)
+
+
+def test_two_onsets_per_peak_official_exceeds_one():
+    """App. A.4.2: when |A| > |V| Eq. (12) exceeds one; Eq. (14) and the 2025 script stay in [0, 1]."""
+    frames, audio = make_frames(), make_audio(HIT_TIMES, gap=0.08)
+    A, V = metrics.audio_onsets(audio, SR), metrics.video_peaks(metrics.flow_trajectory(frames), FPS)
+    assert len(A) == 2 * len(V)
+    s = {v: metrics.av_align(frames, FPS, audio, SR, v) for v in metrics.VARIANTS}
+    assert s["official"] == 2 * len(V) / (2 * len(V) + len(V) - 2 * len(V)) == 2.0
+    assert s["iou"] == 1.0 and s["official_2025"] == len(V) / (2 * len(V)) == 0.5
+
+
+def test_scores_by_hand_and_bounds():
+    # A = {0.5, 1.0, 2.0}, V = {0.55, 3.0}, window 1/8 s: one onset and one peak match, p = 1/3, r = 1/2
+    p, r = 1 / 3, 1 / 2
+    assert metrics.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "iou") == pytest.approx(p * r / (p + r - p * r)) == 0.25
+    assert metrics.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "official") == 1 / (3 + 2 - 1)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        A, V = np.sort(rng.uniform(0, 4, rng.integers(0, 8))), np.sort(rng.uniform(0, 4, rng.integers(0, 8)))
+        fps = rng.choice([4, 8, 30])
+        assert 0.0 <= metrics.align_score(A, V, fps, "iou") <= 1.0
+        assert 0.0 <= metrics.align_score(A, V, fps, "official_2025") <= 1.0
+        assert metrics.align_score(A, V, fps, "official") >= 0.0
+    with pytest.raises(ValueError, match="unknown AV-Align variant"):
+        metrics.av_align(make_frames(), FPS, make_audio(HIT_TIMES), SR, "nope")
+
+
+def test_empty_onset_and_peak_sets():
+    for v in metrics.VARIANTS:
+        assert metrics.align_score([], [], FPS, v) == 0.0
+        assert metrics.align_score([1.0], [], FPS, v) == 0.0
+        assert metrics.align_score([], [1.0], FPS, v) == 0.0
+        static = np.full((T, SIZE, SIZE, 3), 90, np.uint8)
+        assert metrics.av_align(static, FPS, np.zeros(4 * SR, np.float32), SR, v) == 0.0  # no onsets, no peaks
+        assert metrics.av_align(make_frames()[:2], FPS, make_audio(HIT_TIMES), SR, v) == 0.0  # too short for a peak
+
+
+def test_exactly_the_official_numbers(clip_dir):
+    for name in ["aligned", "shifted", "random", "double", "silent"]:
+        mp4, wav = clip_dir / f"{name}.mp4", clip_dir / f"{name}.wav"
+        traj, onsets, ref = official_reference(mp4, wav)
+        frames, fps = metrics.read_video(mp4)
+        # the official script's own flow values vary in the last bits between runs (see flow_trajectory)
+        assert np.allclose(metrics.flow_trajectory(frames), traj, rtol=1e-9, atol=0), name
+        assert np.array_equal(metrics.audio_onsets(*metrics.read_audio(wav)), onsets), name
+        ours = metrics.av_align_file(mp4, wav, variant=None)
+        for v in metrics.VARIANTS:
+            assert ours[v] == (0.0 if ref[v] is None else ref[v]), (name, v, ours[v], ref[v])
+    assert official_reference(clip_dir / "double.mp4", clip_dir / "double.wav")[2]["official"] > 1
+
+
+def test_audio_from_the_mp4_track(tmp_path):
+    mp4 = write_clip(tmp_path / "track.mp4", make_frames(), make_audio(HIT_TIMES), wav=False)
+    audio, sr = metrics.read_audio(mp4)
+    assert sr == SR and abs(len(audio) - 4 * SR) < 0.01 * SR
+    assert metrics.audio_path(mp4) == mp4 and metrics.av_align_file(mp4, variant="iou") == 1.0
+
+
+# ------------------------------------------------------------------------------------------ Frechet distances
+def eig_trace_sqrt(s1, s2):
+    """Tr((S1 S2)^(1/2)) by an independent route: eigenvalues of S1^(1/2) S2 S1^(1/2), which is symmetric PSD."""
+    w, U = np.linalg.eigh(s1)
+    r = (U * np.sqrt(np.clip(w, 0, None))) @ U.T
+    return np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 6))
+    mu, S = X.mean(0), np.cov(X, rowvar=False)
+    assert abs(metrics.frechet_distance(mu, S, mu, S)) < 1e-8
+    assert metrics.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx((1 - 3) ** 2 + (2 - 3) ** 2)
+    m1, m2, d1, d2 = rng.normal(size=5), rng.normal(size=5), rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    diag = np.sum((m1 - m2) ** 2 + (np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    assert metrics.frechet_distance(m1, np.diag(d1), m2, np.diag(d2)) == pytest.approx(diag, rel=1e-10)
+    S2 = np.cov(rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6)), rowvar=False)
+    general = np.sum((mu - 1) ** 2) + np.trace(S) + np.trace(S2) - 2 * eig_trace_sqrt(S, S2)
+    assert metrics.frechet_distance(mu, S, np.ones(6), S2) == pytest.approx(general, rel=1e-9)
+
+
+def test_frechet_near_singular():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((30, 64)) * 3, rng.standard_normal((30, 64)) @ rng.standard_normal((64, 64)) * 0.3
+    (m1, s1), (m2, s2) = metrics.gaussian_stats(a, 1), metrics.gaussian_stats(b, 1)  # rank 29 < 64
+    d = metrics.frechet_distance(m1, s1, m2, s2)
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * eig_trace_sqrt(s1, s2)
+    assert isinstance(d, float) and np.isfinite(d) and d == pytest.approx(expected, rel=1e-6)
+    z = np.zeros((3, 3))  # degenerate Gaussians: only the means are left
+    assert metrics.frechet_distance(np.zeros(3), z, np.ones(3), z) == pytest.approx(3.0)
+
+
+# ----------------------------------------------------------------------------------- FVD / FAD with stand-ins
+def test_fvd_protocol_with_stand_in(monkeypatch):
+    """16 consecutive frames, generated clips from frame 0, real clips from a random offset followed by their flips,
+    at most max_items clips; features -> population covariance -> Frechet distance."""
+    def fake_video(path):  # frame t holds the value t, column 0 is 255 (so a flip moves it to the last column)
+        n = int(Path(path).stem.split("_")[1])
+        frames = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None], SIZE, 1).repeat(SIZE, 2).repeat(3, 3)
+        frames[:, :, 0] = 255
+        return frames, FPS
+    monkeypatch.setattr(metrics, "read_video", fake_video)
+    shapes = []
+
+    def extract(clips):  # (B, 3, T, H, W) uint8 -> frame values, and where the 255 column is
+        shapes.append((clips.shape, clips.dtype))
+        return np.concatenate([clips[:, 0, :, 1, 1], clips[:, 0, :1, 1, -1] == 255], 1).astype(float)
+    gen, ref = [Path(f"g_{n}") for n in (20, 16, 10)], [Path(f"r_{n}") for n in (24, 30)]
+    g, _ = metrics.video_features(gen, extract, real=False)
+    assert g.shape == (2, 17) and np.array_equal(g[:, :16], np.tile(np.arange(16), (2, 1)))  # 10 frames: dropped
+    assert all(s[0][1:] == (3, 16, SIZE, SIZE) and s[1] == np.uint8 for s in shapes)
+    r, _ = metrics.video_features(ref, extract, real=True, max_items=3, seed=5, batch=2)
+    rng = random.Random(5)
+    offsets = [rng.randint(0, 24 - 16), rng.randint(0, 30 - 16), rng.randint(0, 24 - 16)]
+    assert np.array_equal(r[:, :16], np.array([np.arange(o, o + 16) for o in offsets]))
+    assert r[:, 16].tolist() == [0, 0, 1]  # two originals, then the flip of the first
+    value, _ = metrics.fvd(gen, ref, extract, max_items=3, seed=5)
+    cov = lambda x: (x - x.mean(0)).T @ (x - x.mean(0)) / len(x)  # noqa: E731, StyleGAN-V divides by N
+    assert value == pytest.approx(metrics.frechet_distance(g.mean(0), cov(g), r.mean(0), cov(r)))
+
+
+def test_i3d_torchscript_loader(tmp_path):
+    class TinyI3D(torch.nn.Module):  # the call signature of StyleGAN-V's i3d_torchscript.pt
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+            assert x.dtype == torch.uint8 and rescale and resize and return_features
+            x = x.float() / 127.5 - 1
+            return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+    torch.jit.save(torch.jit.script(TinyI3D()), tmp_path / "i3d.pt")
+    clips = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 8, 8), dtype=np.uint8)
+    out = metrics.load_i3d(tmp_path / "i3d.pt")(clips)
+    assert out.shape == (2, 6) and np.allclose(out[:, :3], (clips / 127.5 - 1).mean((2, 3, 4)), atol=1e-6)
+
+
+def stand_in_audio_features(wave, sr):
+    """Log energy and zero-crossing rate of each 0.25 s chunk: (16, 2) for 4 s."""
+    chunks = np.asarray(wave)[: len(wave) // (sr // 4) * (sr // 4)].reshape(-1, sr // 4)
+    return np.stack([np.log(1e-6 + (chunks ** 2).mean(1)), (np.diff(np.sign(chunks), axis=1) != 0).mean(1)], 1)
+
+
+def test_fad_path_with_stand_in(tmp_path):
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir(), ref.mkdir()
+    frames, seen = make_frames(), []
+    for i in range(3):
+        write_clip(gen / f"{i}.mp4", frames, make_audio(HIT_TIMES, seed=i))
+        write_clip(ref / f"{i}.mp4", frames, 0.3 * make_audio([0.5, 1.5, 2.5, 3.5], seed=10 + i))
+
+    def extract(wave, sr):
+        seen.append((wave.dtype.name, sr))
+        return stand_in_audio_features(wave, sr)
+    gen_mp4, ref_mp4 = sorted(gen.glob("*.mp4")), sorted(ref.glob("*.mp4"))
+    assert metrics.fad(gen_mp4, gen_mp4, extract)[0] == pytest.approx(0.0, abs=1e-8)
+    value, bad = metrics.fad(gen_mp4, ref_mp4, extract)
+    by_hand = [np.concatenate([stand_in_audio_features(sf.read(p.with_suffix(".wav"))[0], SR) for p in mp4s])
+               for mp4s in (gen_mp4, ref_mp4)]
+    expected = metrics.frechet_distance(by_hand[0].mean(0), np.cov(by_hand[0], rowvar=False),
+                                        by_hand[1].mean(0), np.cov(by_hand[1], rowvar=False))
+    assert value > 0.1 and value == pytest.approx(expected) and not bad
+    assert set(seen) == {("float64", SR)}
+
+
+def test_vggish_loader_drops_the_last_relu(tmp_path):
+    tv = pytest.importorskip("torchvggish")
+    full = tv.VGG(tv.make_layers(), postprocess=False).eval()
+    torch.save(full.state_dict(), tmp_path / "vggish.pth")
+    wave = np.random.default_rng(0).standard_normal(4 * SR) * 0.1
+    ours = metrics.load_vggish(tmp_path / "vggish.pth")(wave, SR)
+    with torch.no_grad():
+        theirs = full(tv.waveform_to_examples(wave, SR, return_tensor=True)).numpy()
+    assert ours.shape == (4, 128) and (ours < 0).any() and np.allclose(np.maximum(ours, 0), theirs, atol=1e-5)
+
+
+def test_missing_weights_and_packages_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(metrics.MetricError, match="i3d_torchscript.pt") as e:
+        metrics.load_i3d(tmp_path / "missing.pt")
+    assert "\n" not in str(e.value)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(metrics.MetricError, match="dropbox.*--i3d"):
+        metrics.load_i3d(None)
+    try:
+        import imagebind  # noqa: F401
+    except ImportError:
+        with pytest.raises(metrics.MetricError, match="CC BY-NC 4.0"):
+            metrics.imagebind_scores([])
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def test_command_end_to_end(tmp_path, capsys):
+    class TinyI3D(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+            return x.float().mean((3, 4)).flatten(1)  # (B, 3 * 16)
+    torch.jit.save(torch.jit.script(TinyI3D()), tmp_path / "i3d.pt")
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir(), ref.mkdir()
+    write_clip(gen / "a.mp4", make_frames(), make_audio(HIT_TIMES))
+    write_clip(gen / "b.mp4", make_frames(seed=1), make_audio(HIT_TIMES, seed=1), wav=False)  # audio track only
+    (gen / "broken.mp4").write_bytes(b"not a video")
+    write_clip(ref / "c.mp4", make_frames(seed=2), make_audio([t + 0.5 for t in HIT_TIMES]))
+    out = tmp_path / "results.json"
+    metrics.main(["--gen", str(gen), "--ref", str(ref), "--out", str(out), "--workers", "2", "--i3d",
+                  str(tmp_path / "i3d.pt"), "--vggish", str(tmp_path / "missing.pth")])
+    res = json.loads(out.read_text())
+    assert res["results"]["av_align_iou/gen"] == 1.0 and res["results"]["av_align_iou/ref"] == 0.0
+    assert set(res["per_clip"]["gen"]) == {str(gen / "a.mp4"), str(gen / "b.mp4")}
+    assert str(gen / "broken.mp4") in res["failed_files"]
+    assert res["results"]["fvd"] > 0 and {"fad", "imagebind"} <= set(res["not_computed"]) | set(res["results"])
+    printed = capsys.readouterr()
+    assert "av_align_iou/gen" in printed.out and "broken.mp4" in printed.err
+    with pytest.raises(SystemExit):
+        metrics.main(["--gen", str(tmp_path / "nowhere")])

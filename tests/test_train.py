@@ -1,0 +1,76 @@
+"""Eq. (9) training on the tiny model: timesteps, text dropout, the loss going down, and exact stop-and-resume."""
+import json
+
+import pytest
+import torch
+
+import train
+from data import build_dataset
+from model import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, bases = build_model("tiny")
+    ds = build_dataset("synthetic", "train", size=bases.video_size, num_clips=8)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    return model, bases, batch
+
+
+def test_text_dropout_fires_at_batch_one():
+    g = [torch.Generator().manual_seed(0)]
+    dropped = sum(train.drop_text(["a red box"], 0.1, g) == [""] for _ in range(1000))
+    assert 60 <= dropped <= 140  # Binomial(1000, 0.1): mean 100, sd 9.5
+    g2 = g * 2
+    assert train.drop_text(["a", "b"], 0.0, g2) == ["a", "b"] and train.drop_text(["a", "b"], 1.0, g2) == ["", ""]
+
+
+def test_timesteps_independent_unless_shared(tiny):
+    model, bases, batch = tiny
+    args = train.parse_args(["--data", "synthetic", "--size", "tiny", "--p-self-cond", "0"])
+    _, info = train.joint_loss(model, bases, batch, args, step=1)
+    assert info["t_v"] != info["t_a"] and all(1 <= t <= 1000 for t in info["t_v"] + info["t_a"])
+    args.shared_t = True
+    _, info = train.joint_loss(model, bases, batch, args, step=1)
+    assert info["t_v"] == info["t_a"]
+
+
+def test_a_few_steps_lower_the_loss(tiny):
+    model, bases, batch = tiny
+    args = train.parse_args(["--data", "synthetic", "--size", "tiny", "--p-uncond", "0"])
+    params = dict(model.trainable_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+
+    def eval_loss():  # the same noise, timesteps and self-conditioning draws every time
+        with torch.no_grad():
+            return sum(train.joint_loss(model, bases, batch, args, step=10**6 + s)[0].item() for s in range(3))
+
+    before = eval_loss()
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    for p in params.values():
+        p.requires_grad_(True)
+    for step in range(25):
+        loss, _ = train.joint_loss(model, bases, batch, args, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    assert after < 0.95 * before, (before, after)
+
+
+def test_stop_and_resume_is_exact(tmp_path):
+    common = ["--data", "synthetic", "--size", "tiny", "--base-steps", "0", "--batch-size", "2", "--num-clips", "6",
+              "--ckpt-every", "2"]
+    train.main(common + ["--max-steps", "5", "--out", str(tmp_path / "a")])
+    train.main(common + ["--max-steps", "2", "--out", str(tmp_path / "b")])  # "crash" after step 2 ...
+    train.main(common + ["--max-steps", "5", "--out", str(tmp_path / "b"), "--resume"])  # ... and continue
+    read = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / d / "log_joint.jsonl"))}
+    a, b = read("a"), read("b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]  # steps 3..5 cross an epoch boundary (3 batches per epoch)
+    assert all(a[s] == b[s] for s in a)
+    cfg = json.load(open(tmp_path / "b" / "joint" / "config.json"))
+    assert cfg["step"] == 5 and cfg["conditioner"] == "cmcpe"  # the config travels with every checkpoint
