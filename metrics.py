@@ -8,7 +8,7 @@ script; feature extractors are arguments, so tests plug in tiny stand-ins. Leave
 of Sec. 4.1.1 (never released; the released script uses the values here), JPEG frame dumps before FVD, and the
 official extras that the paper does not report (PANNs FD, KL, CLAP, CAVP).
 """
-import argparse, csv, functools, json, os, random, re, subprocess, sys, time, warnings  # noqa: E401
+import argparse, csv, functools, json, multiprocessing, os, random, re, subprocess, sys, time, warnings  # noqa: E401
 import concurrent.futures as cf
 from pathlib import Path
 
@@ -123,9 +123,9 @@ def _safe(fn, path):  # a bad file is reported, never fatal
         return None, f"{type(e).__name__}: {e}"
 
 def map_clips(fn, paths, workers=1, desc=None):
-    """fn(path) for every path, one clip per process and one OpenCV thread each (OpenCV's threads would compete for
-    the same cores); returns ({path: value}, {path: error})."""
-    ex = cf.ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) if workers > 1 else None
+    """fn(path) for each path, a clip per process with one OpenCV thread; returns ({path: value}, {path: error})."""
+    ctx = multiprocessing.get_context("spawn")  # a forked child can inherit a lock held by OpenCV's thread pool
+    ex = cf.ProcessPoolExecutor(workers, ctx, initializer=cv2.setNumThreads, initargs=(1,)) if workers > 1 else None
     results, ok, bad = (ex.map if ex else map)(_safe, [fn] * len(paths), paths), {}, {}
     for p, (value, err) in zip(paths, tqdm(results, total=len(paths), desc=desc)):
         (bad if err else ok)[str(p)] = err or value
@@ -166,7 +166,7 @@ def load_i3d(path=None, device="cpu"):
         model = torch.jit.load(str(_weights(path, I3D_URL, "i3d_torchscript.pt", "--i3d")), map_location=device)
     def extract(clips):
         with torch.no_grad():
-            return model.eval()(torch.as_tensor(clips, device=device), rescale=True, resize=True,
+            return model.eval()(torch.as_tensor(np.ascontiguousarray(clips), device=device), rescale=True, resize=True,
                                 return_features=True).cpu().numpy()
     return extract
 
@@ -252,9 +252,9 @@ def main(argv=None):
     ap.add_argument("--captions", help="file list `<clip path>,<caption>` for IB-TV and IB-TA")
     ap.add_argument("--metrics", default="av_align,fvd,fad,imagebind")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: IB
     ap.add_argument("--out", default="results.json")
-    ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when omitted and online)")
-    ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when omitted and online)")
-    ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when omitted and online)")
+    ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when missing and online)")
+    ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when missing and online)")
+    ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when missing and online)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="AV-Align processes, one clip each")
     ap.add_argument("--seed", type=int, default=0, help="FVD: random 16-frame offsets of the real clips")
     ap.add_argument("--device", default="cpu")

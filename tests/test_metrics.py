@@ -11,7 +11,6 @@ import imageio_ffmpeg
 import librosa
 import numpy as np
 import pytest
-import scipy.linalg
 import soundfile as sf
 import torch
 
@@ -322,16 +321,17 @@ def test_vggish_loader_drops_the_last_relu(tmp_path):
 
 
 def test_missing_weights_and_packages_are_one_line(tmp_path, monkeypatch):
-    with pytest.raises(metrics.MetricError, match="i3d_torchscript.pt") as e:
-        metrics.load_i3d(tmp_path / "missing.pt")
-    assert "\n" not in str(e.value)
-
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(metrics.MetricError, match="dropbox.*--i3d"):
+    with pytest.raises(metrics.MetricError, match="i3d_torchscript.pt.*missing.pt") as e:
+        metrics.load_i3d(tmp_path / "missing.pt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(metrics.MetricError, match="dropbox.*--i3d.*hub"):
         metrics.load_i3d(None)
+    with pytest.raises(metrics.MetricError, match="vggish-10086976.pth|pip install torchvggish"):
+        metrics.load_vggish(tmp_path / "missing.pth")
     try:
         import imagebind  # noqa: F401
     except ImportError:
@@ -339,8 +339,45 @@ def test_missing_weights_and_packages_are_one_line(tmp_path, monkeypatch):
             metrics.imagebind_scores([])
 
 
+def test_imagebind_path_with_stand_in_package(tmp_path, monkeypatch):
+    """A stand-in `imagebind` package with ImageBind's module layout: checks the pairing of embeddings, the per-clip
+    cosine and the averaging over clips (rows without a caption count for IB-AV only)."""
+    import types
+    M = types.SimpleNamespace(TEXT="text", VISION="vision", AUDIO="audio")
+    vec = {"a.mp4": [1.0, 0.0], "a.wav": [1.0, 1.0], "b.mp4": [0.0, 1.0], "b.wav": [1.0, 0.0], "cap a": [2.0, 0.0]}
+
+    class Huge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):  # the loaders below already produce the embeddings; scale is loaded from the file
+            return {k: v * self.scale for k, v in x.items()}
+    load = lambda names, device: torch.tensor([vec[Path(n).name] for n in names])  # noqa: E731
+    data = types.SimpleNamespace(load_and_transform_text=lambda caps, device: torch.tensor([vec[c] for c in caps]),
+                                 load_and_transform_video_data=load, load_and_transform_audio_data=load)
+    model_mod = types.SimpleNamespace(imagebind_huge=lambda pretrained: Huge(), ModalityType=M)
+    pkg = types.SimpleNamespace(data=data, models=types.SimpleNamespace(imagebind_model=model_mod))
+    monkeypatch.setitem(sys.modules, "imagebind", pkg)
+    monkeypatch.setitem(sys.modules, "imagebind.models", pkg.models)
+    monkeypatch.setitem(sys.modules, "imagebind.models.imagebind_model", model_mod)
+    torch.save({"scale": torch.ones(1)}, tmp_path / "ib.pth")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.wav").write_bytes(b"")
+    scores = metrics.imagebind_scores([(tmp_path / "a.mp4", "cap a"), (tmp_path / "b.mp4", None)], tmp_path / "ib.pth")
+    assert scores["IB-TV"] == pytest.approx(1.0) and scores["IB-TA"] == pytest.approx(2 ** -0.5)  # clip a only
+    assert scores["IB-AV"] == pytest.approx((2 ** -0.5 + 0.0) / 2)
+    for name in ("a", "b"):  # the same through the command, captions from an official-format file list
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+    (tmp_path / "flist.txt").write_text('./clips/a.mp4,"cap a"\n')
+    res = metrics.main(["--gen", str(tmp_path), "--metrics", "imagebind", "--captions", str(tmp_path / "flist.txt"),
+                        "--imagebind", str(tmp_path / "ib.pth"), "--out", str(tmp_path / "r.json")])
+    assert res == pytest.approx(scores)
+
+
 # ------------------------------------------------------------------------------------------------------ command
-def test_command_end_to_end(tmp_path, capsys):
+def test_command_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     class TinyI3D(torch.nn.Module):
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
             return x.float().mean((3, 4)).flatten(1)  # (B, 3 * 16)
