@@ -22,12 +22,15 @@ POINTS = (("down", 2), ("down", 3), ("up", 0), ("up", 1))  # App. A.2: where the
 CONDITIONERS = {"cmcpe": CMCPE, "crossattn": CrossAttentionConditioner}
 
 
-def unet_walk(unet, h, emb, text, extra):
+def unet_walk(unet, h, emb, text, extra, ckpt=False):
     """Generator: conv_in .. conv_out of a diffusers U-Net, mirroring UNetMotionModel.forward /
     UNet2DConditionModel.forward of diffusers 0.42.1 (re-diff them on upgrade). Yields h after each of POINTS and
     continues with the value sent back. Returns the conv_out output.
     h: (N, C, H, W) latent (video: frames folded into N); emb: (N, D) time(+class) embedding; text: the
-    encoder_hidden_states (video (N, 77, D), audio None); extra: {"num_frames": F} for the video U-Net, {} for audio."""
+    encoder_hidden_states (video (N, 77, D), audio None); extra: {"num_frames": F} for the video U-Net, {} for audio.
+    ckpt: recompute each whole block in backward, motion modules included (diffusers' own flag skips those)."""
+    run = (lambda f, **kw: checkpoint(f, use_reentrant=False, **kw)) if ckpt and torch.is_grad_enabled() else (
+        lambda f, **kw: f(**kw))
     # Sizes that are not a multiple of 2**num_upsamplers (audio T = 100 -> 50, 25, 13) make the up blocks
     # interpolate to the skip's size instead of doubling (diffusers' forward_upsample_size).
     forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in h.shape[-2:])
@@ -35,7 +38,7 @@ def unet_walk(unet, h, emb, text, extra):
     res = (h,)
     for i, block in enumerate(unet.down_blocks):
         cross = dict(encoder_hidden_states=text) if getattr(block, "has_cross_attention", False) else {}
-        h, r = block(hidden_states=h, temb=emb, **cross, **extra)
+        h, r = run(block, hidden_states=h, temb=emb, **cross, **extra)
         if ("down", i) in POINTS:
             h = yield h
             # As the official code: the block's output replaces the main path AND the block's last skip (notes §3.1
@@ -43,12 +46,12 @@ def unet_walk(unet, h, emb, text, extra):
             r = r[:-1] + (h,)
         res += r
     mid_extra = extra if hasattr(unet.mid_block, "motion_modules") else {}
-    h = unet.mid_block(h, emb, encoder_hidden_states=text, **mid_extra)
+    h = run(unet.mid_block, hidden_states=h, temb=emb, encoder_hidden_states=text, **mid_extra)
     for i, block in enumerate(unet.up_blocks):
         r, res = res[-len(block.resnets):], res[:-len(block.resnets)]  # this block's skips, popped from the end
         size = res[-1].shape[2:] if forward_upsample_size and i < len(unet.up_blocks) - 1 else None
         cross = dict(encoder_hidden_states=text) if getattr(block, "has_cross_attention", False) else {}
-        h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=r, upsample_size=size, **cross, **extra)
+        h = run(block, hidden_states=h, temb=emb, res_hidden_states_tuple=r, upsample_size=size, **cross, **extra)
         if ("up", i) in POINTS:
             h = yield h
     if unet.conv_norm_out is not None:
@@ -56,18 +59,18 @@ def unet_walk(unet, h, emb, text, extra):
     return unet.conv_out(h)
 
 
-def video_walk(unet, x_v, t_v, text_v):
+def video_walk(unet, x_v, t_v, text_v, ckpt=False):
     """AnimateDiff's UNetMotionModel: x_v (B, 4, F, h, w), t_v (B,), text_v (B, 77, D) -> generator, eps_v at end."""
     B, C, n, hh, ww = x_v.shape
     emb = unet.time_embedding(unet.time_proj(t_v).to(unet.dtype))  # (B, 1280)
     emb = emb.repeat_interleave(n, 0)  # (B*F, 1280): the 2-D layers see every frame as an image
     text = text_v.repeat_interleave(n, 0)  # (B*F, 77, D): as AnimateDiffPipeline, b*F + f order
     h = x_v.permute(0, 2, 1, 3, 4).reshape(B * n, C, hh, ww)  # (B, C, F, h, w) -> (B*F, C, h, w)
-    eps = yield from unet_walk(unet, h, emb, text, {"num_frames": n})
+    eps = yield from unet_walk(unet, h, emb, text, {"num_frames": n}, ckpt)
     return eps.reshape(B, n, *eps.shape[1:]).permute(0, 2, 1, 3, 4)  # (B*F, C, h, w) -> (B, C, F, h, w)
 
 
-def audio_walk(unet, x_a, t_a, text_a):
+def audio_walk(unet, x_a, t_a, text_a, ckpt=False):
     """AudioLDM's UNet2DConditionModel: x_a (B, 8, T, 16), t_a (B,), text_a (B, D) CLAP -> generator; eps_a at the end.
     Text enters only through the class embedding; its cross-attentions get None and act as self-attentions."""
     emb = unet.time_embedding(unet.get_time_embed(sample=x_a, timestep=t_a))  # (B, D_t)
@@ -75,7 +78,7 @@ def audio_walk(unet, x_a, t_a, text_a):
     emb = torch.cat([emb, c], -1) if unet.config.class_embeddings_concat else emb + c  # AudioLDM: concat, (B, 2 D_t)
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    return (yield from unet_walk(unet, x_a, emb, None, {}))
+    return (yield from unet_walk(unet, x_a, emb, None, {}, ckpt))
 
 
 def _send(gen, h):
@@ -129,15 +132,14 @@ class JointModel(nn.Module):
         return self
 
     def enable_gradient_checkpointing(self):
-        """Recompute activations in backward: diffusers' own checkpointing of both U-Nets, and the added blocks."""
-        self.video_unet.enable_gradient_checkpointing()
-        self.audio_unet.enable_gradient_checkpointing()
+        """Recompute activations in backward: every U-Net block (motion modules included), the added blocks and the
+        connectors keep only their inputs for backward."""
         self.gradient_checkpointing = True
 
-    def _block(self, block, h, ctx, sec_h, sec_c, num_frames=None):
+    def _ckpt(self, module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, ctx, sec_h, sec_c, num_frames, use_reentrant=False)
-        return block(h, ctx, sec_h, sec_c, num_frames)
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None):
         """x_v (B, 4, F, h, w), x_a (B, 8, T, 16): noisy latents at local timesteps t_v = m(t) - 1, t_a = n(t) - 1
@@ -146,16 +148,16 @@ class JointModel(nn.Module):
         B, n, T = x_v.shape[0], x_v.shape[2], x_a.shape[2]
         t_v = torch.as_tensor(t_v, device=x_v.device).reshape(-1).expand(B)  # (B,)
         t_a = torch.as_tensor(t_a, device=x_a.device).reshape(-1).expand(B)
-        ctx_v = self.connector_v(x_v, x0_v, t_v)  # (B, F, C): one vector per video frame, 1/fps s each
-        ctx_a = self.connector_a(x_a, x0_a, t_a)  # (B, T, C): one vector per audio latent frame
+        ctx_v = self._ckpt(self.connector_v, x_v, x0_v, t_v)  # (B, F, C): one vector per video frame, 1/fps s each
+        ctx_a = self._ckpt(self.connector_a, x_a, x0_a, t_a)  # (B, T, C): one vector per audio latent frame
         sec_v, sec_a = 1 / self.fps, self.sec_per_audio_latent
-        walk_v = video_walk(self.video_unet, x_v, t_v, text_v)
-        walk_a = audio_walk(self.audio_unet, x_a, t_a, text_a)
+        walk_v = video_walk(self.video_unet, x_v, t_v, text_v, self.gradient_checkpointing)
+        walk_a = audio_walk(self.audio_unet, x_a, t_a, text_a, self.gradient_checkpointing)
         h_v, h_a = next(walk_v), next(walk_a)
         for block_v, block_a in zip(self.blocks_v, self.blocks_a):  # the 4 points, both U-Nets at the same depth
             s = 2 ** round(math.log2(T / h_a.shape[2]))  # audio time stride here: 100 -> 13 frames is s = 8
-            new_v = self._block(block_v, h_v, ctx_a, sec_v, sec_a, n)  # video features see the audio sequence
-            new_a = self._block(block_a, h_a, ctx_v, s * sec_a, sec_v)  # and vice versa
+            new_v = self._ckpt(block_v, h_v, ctx_a, sec_v, sec_a, n)  # video features see the audio sequence
+            new_a = self._ckpt(block_a, h_a, ctx_v, s * sec_a, sec_v)  # and vice versa
             h_v, h_a = _send(walk_v, new_v), _send(walk_a, new_a)
         return h_v, h_a  # after the last point the walks ran to the end: (eps_v, eps_a)
 

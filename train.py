@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from cache import CachedClips, cached_inputs
 from data import build_dataset
 from model import build_model
 from timesteps import add_noise, alpha_bar_table, predict_x0
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="greatesthits", choices=["greatesthits", "landscape", "vggsound", "synthetic"])
     p.add_argument("--root", default=None, help="folder of prepared clips (see data.py prepare)")
     p.add_argument("--flist", default=None, help="official file list <clip>,\"<caption>\" (GreatestHits)")
+    p.add_argument("--cache", default=None, help="folder written by cache.py: stored latents + text embeddings")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
     p.add_argument("--conditioner", default="cmcpe", choices=["cmcpe", "crossattn"])  # Table 1 rows
     p.add_argument("--video-base", default="stable-diffusion-v1-5/stable-diffusion-v1-5")  # SD-1.5 mirror (official: Realistic Vision 5.1)
@@ -86,12 +88,16 @@ def joint_loss(model, bases, batch, args, step, offset=0):
     gens = [torch.Generator().manual_seed((args.seed << 40) + (step << 16) + offset + j) for j in range(B)]
     randn = lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(dev)
     with torch.no_grad():
-        text_v, text_a = bases.encode_text(drop_text(list(batch["caption"]), args.p_uncond, gens))
-        mu_v, sd_v = bases.encode_video(batch["video"].to(dev))
-        mu_a, sd_a = bases.encode_audio(batch["mel"].to(dev))
+        captions = drop_text(list(batch["caption"]), args.p_uncond, gens)
+        if "video_mean" in batch:  # --cache: the frozen encoders already ran, once per clip (cache.py)
+            text_v, text_a, mu_v, sd_v, mu_a, sd_a = cached_inputs(batch, captions, dev)
+        else:
+            text_v, text_a = bases.encode_text(captions)
+            mu_v, sd_v = bases.encode_video(batch["video"].to(dev))
+            mu_a, sd_a = bases.encode_audio(batch["mel"].to(dev))
     x_v, x_a = mu_v + sd_v * randn(mu_v.shape), mu_a + sd_a * randn(mu_a.shape)  # sample the VAE latent distribution
     T = bases.alphas_cumprod_v.shape[0]
-    t_v = torch.cat([torch.randint(1, T + 1, (1,), generator=g) for g in gens])  # U(1, T), Eq. (7)
+    t_v = torch.cat([torch.randint(1, T + 1, (1,), generator=g) for g in gens])  # Eq. (7): t ~ U(1, T)
     t_a = t_v.clone() if args.shared_t else torch.cat([torch.randint(1, T + 1, (1,), generator=g) for g in gens])
     eps_v, eps_a = randn(x_v.shape), randn(x_a.shape)
     ab_v, ab_a = alpha_bar_table(bases.alphas_cumprod_v)[t_v], alpha_bar_table(bases.alphas_cumprod_a)[t_a]
@@ -166,8 +172,8 @@ def train_stage(stage, model, bases, params, steps, args):
     if steps is not None and step >= steps:
         return
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)  # grads averaged over GPUs
-    dataset = build_dataset(args.data, "train", root=args.root, flist=args.flist, fps=args.fps,
-                            size=bases.video_size, num_clips=args.num_clips)
+    dataset = CachedClips(args.cache, args.size, args.fps) if args.cache else build_dataset(
+        args.data, "train", root=args.root, flist=args.flist, fps=args.fps, size=bases.video_size, num_clips=args.num_clips)
     b, G = args.batch_size, args.batch_size * world  # per-GPU and global batch
     per_epoch = len(dataset) // G
     if per_epoch == 0:
