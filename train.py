@@ -63,7 +63,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
     defaults = dict(fps=4 if args.data in ("landscape", "vggsound") else 8, batch_size=8 if tiny else 16,
-                    lr=1e-3 if tiny else 1e-5, base_steps=1500 if tiny else 0, max_steps=600 if tiny else None,
+                    lr=1e-3 if tiny else 1e-5, base_steps=600 if tiny else 0, max_steps=300 if tiny else None,
                     num_workers=0 if tiny else 4, precision="bf16" if args.device.startswith("cuda") else "fp32",
                     out=f"runs/{args.data}-{args.size}-{args.conditioner}")
     for k, v in defaults.items():
