@@ -94,7 +94,7 @@ def train_runs(a, out, log):
     if not (base / "base" / "ema.safetensors").exists():
         t0 = time.time()
         train.main(common + ["--out", str(base), "--max-steps", "0", "--resume"])  # max-steps 0: the base stage only
-        log["train_base_s"] = time.time() - t0
+        add_time(out, log, "train_base_s", t0)
     for seed in a.seeds:
         for cond in ("crossattn", "cmcpe"):
             run = out / "runs" / f"{cond}-s{seed}"
@@ -107,8 +107,14 @@ def train_runs(a, out, log):
             t0 = time.time()
             train.main(common + ["--out", str(run), "--conditioner", cond, "--seed", str(seed), "--max-steps",
                                  str(a.joint_steps), "--resume"])  # resume: base stage done, joint from its step
-            log[f"train_{cond}-s{seed}_s"] = time.time() - t0
+            add_time(out, log, f"train_{cond}-s{seed}_s", t0)
         yield seed  # this seed's models are ready: evaluate them before training the next seed
+
+
+def add_time(out, log, key, t0):
+    """Stage times add up over interrupted and resumed runs (timings.json), so the runtime can be stated."""
+    log[key] = log.get(key, 0.0) + time.time() - t0
+    (out / "timings.json").write_text(json.dumps(log, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -232,7 +238,8 @@ def _pairs(rows_x, rows_y):  # seed-wise pairs; a seed-free row (one entry) pair
 # ------------------------------------------------------------------------------------------------ the table
 def main(argv=None):
     a = parse_args(argv)
-    out, t_start, log = Path(a.out), time.time(), {}
+    out, t_start = Path(a.out), time.time()
+    log = json.load(open(out / "timings.json")) if (out / "timings.json").exists() else {}  # earlier, stopped runs
     # OMP_NUM_THREADS when set (on a shared machine 1 thread is safer: OpenMP threads that wait for a busy core spin),
     # else every core this process may use
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(os.sched_getaffinity(0)))))
@@ -292,7 +299,7 @@ def main(argv=None):
         t0 = time.time()
         fig2.main(["--ckpt", str(out / "runs" / "base-only"), "--num-clips", "8", "--out", str(out / "fig2_tiny.png"),
                    "--device", a.device])
-        log["fig2_s"] = time.time() - t0
+        add_time(out, log, "fig2_s", t0)
     return report(a, out, rows, log, time.time() - t_start)
 
 
