@@ -91,15 +91,14 @@ def train_runs(a, out, log):
               str(a.batch_size), "--cache", str(cache), "--device", a.device, "--ckpt-every", "100"]
     common += ["--lr", str(a.lr)] if a.lr else []
     base = out / "runs" / "base-only"
-    if not (base / "base" / "ema.safetensors").exists():
+    if steps_done(base / "base") < a.base_steps:  # a periodic checkpoint of an interrupted run is not the end
         t0 = time.time()
         train.main(common + ["--out", str(base), "--max-steps", "0", "--resume"])  # max-steps 0: the base stage only
         add_time(out, log, "train_base_s", t0)
     for seed in a.seeds:
         for cond in ("crossattn", "cmcpe"):
             run = out / "runs" / f"{cond}-s{seed}"
-            done = run / "joint" / "config.json"
-            if done.exists() and json.load(open(done))["step"] >= a.joint_steps:
+            if steps_done(run / "joint") >= a.joint_steps:
                 continue
             run.mkdir(parents=True, exist_ok=True)
             if not (run / "base").exists():
@@ -109,6 +108,11 @@ def train_runs(a, out, log):
                                  str(a.joint_steps), "--resume"])  # resume: base stage done, joint from its step
             add_time(out, log, f"train_{cond}-s{seed}_s", t0)
         yield seed  # this seed's models are ready: evaluate them before training the next seed
+
+
+def steps_done(stage):
+    """Steps a stage folder of train.py holds (0 if none)."""
+    return json.load(open(stage / "config.json"))["step"] if (stage / "config.json").exists() else 0
 
 
 def add_time(out, log, key, t0):
