@@ -7,7 +7,8 @@ Both DDIM noise schedules (the paper's {beta_t} of Eq. 1, one per modality).
 Three sizes:
   "tiny"       random U-Nets / text encoders with the real classes and block layout but narrow channels, and FIXED
                simple autoencoders (pooling + a fixed linear map) and a Griffin-Lim vocoder: a CPU demo learns in
-               minutes (issue 3);
+               minutes (issue 3). The tiny U-Nets predict v, not eps (README, deviations): a tiny eps model is ~1 %
+               off at t = 1000, where sqrt(alpha_bar) = 0.012 (audio), and Eq. (6) blows that up 80x into x0_hat;
   "full"       the real architectures from configs/*.json with random weights (parameter counts, GPU benchmarks);
                buildable on the `meta` device;
   "pretrained" real weights by hub id or local folder (offline without them: `WeightsNotFound`, one line).
@@ -201,8 +202,11 @@ class BaseModels(nn.Module):
         for name in ("video_unet", "audio_unet", "vae_v", "vae_a", "vocoder", "text_encoder_v", "text_encoder_a"):
             setattr(self, name, modules[name])
         # {beta_t} of Eq. (1) per modality, as alphas_cumprod (1000,): AnimateDiff linear, AudioLDM scaled_linear
+        self.prediction_type = {}  # what each U-Net outputs: "epsilon" (the real ones) or "v_prediction" (tiny)
         for m, name in (("v", "animatediff_ddim_scheduler.json"), ("a", "audioldm_ddim_scheduler.json")):
-            self.register_buffer(f"alphas_cumprod_{m}", DDIMScheduler.from_config(_cfg(name)).alphas_cumprod.clone())
+            sched = DDIMScheduler.from_config(_cfg(name))
+            self.register_buffer(f"alphas_cumprod_{m}", sched.alphas_cumprod.clone())
+            self.prediction_type[m] = "v_prediction" if size == "tiny" else sched.config.prediction_type
         self.requires_grad_(False).eval()
 
     @property

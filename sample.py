@@ -18,14 +18,14 @@ import torch
 from tqdm import tqdm
 
 from data import read_flist, write_mp4
-from timesteps import alpha_bar_table, ddim_step, local_timesteps
+from timesteps import alpha_bar_table, ddim_step, local_timesteps, to_eps
 
 
 @torch.no_grad()
 def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guidance_a=2.5, negative="", bar=True,
              amp=None, seconds=4):
     """Algorithm 1 for a batch of prompts; sample i starts from noise seeded by seeds[i] (batch-size independent)."""
-    dev, B = bases.alphas_cumprod_v.device, len(prompts)
+    dev, B, P = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type
     text_v, text_a = bases.encode_text(list(prompts))
     null_v, null_a = bases.encode_text([negative] * B)
     F_, h = seconds * bases.fps, bases.video_size // 8  # 4-s clips (Sec. 4.1.2); both video autoencoders shrink 8x
@@ -44,7 +44,8 @@ def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guid
             e_v, e_a = model(two(x_v), two(x_a), tv, ta, torch.cat([null_v, text_v]), torch.cat([null_a, text_a]),
                              two(x0_v), two(x0_a))
         (u_v, c_v), (u_a, c_a) = e_v.float().chunk(2), e_a.float().chunk(2)
-        eps_v, eps_a = u_v + guidance_v * (c_v - u_v), u_a + guidance_a * (c_a - u_a)  # classifier-free guidance
+        eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, ab_v[m], P["v"])  # classifier-free guidance
+        eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, ab_a[n], P["a"])  # (on v for the tiny U-Nets: linear)
         x_v, x0_v = ddim_step(x_v, eps_v, ab_v[m], ab_v[m_prev])  # Eq. (5): x_{m(t-1)}
         x_a, x0_a = ddim_step(x_a, eps_a, ab_a[n], ab_a[n_prev])  # Eq. (5): x_{n(t-1)}
     return x_v, x_a  # x_0^(v), x_0^(a)

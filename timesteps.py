@@ -9,7 +9,9 @@ Conventions (the paper's, mapped onto diffusers):
   the paper's "Return x_0" (the official code stops at diffusers' alphas_cumprod[0] = 0.9991 instead).
 - With gamma = 1 and T = 25 the grid is m = 1000, 960, ..., 40, 0, i.e. U-Net indices 999, 959, ..., 39: exactly
   diffusers' DDIMScheduler with timestep_spacing="trailing" and set_alpha_to_one=True (tests check this).
-Left out: stochastic DDIM (eta > 0), v-prediction, and any learned or automatic choice of gamma.
+- A base U-Net outputs eps (AnimateDiff, AudioLDM: the paper) or v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho,
+  2022; our tiny CPU stand-ins, see base_models.py): `to_eps` turns either into eps, exactly, for Eq. (5)-(6).
+Left out: stochastic DDIM (eta > 0) and any learned or automatic choice of gamma.
 """
 import math
 
@@ -59,3 +61,19 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev):
     a = _bcast(alpha_bar_prev, x_t)
     x_prev = a.sqrt() * x0_hat.double() + (1 - a).sqrt() * eps.double()  # Eq. (5)
     return x_prev.to(x_t.dtype), x0_hat
+
+
+def target(x0, eps, alpha_bar, prediction_type):
+    """What a U-Net of this prediction_type regresses on: eps (Eq. 10 as printed) or v (App. of Salimans & Ho)."""
+    if prediction_type == "epsilon":
+        return eps
+    a = _bcast(alpha_bar, x0)
+    return (a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()).to(x0.dtype)  # v
+
+
+def to_eps(out, x_t, alpha_bar, prediction_type):
+    """A U-Net's output -> its noise prediction eps_hat; exact for v since x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    if prediction_type == "epsilon":
+        return out
+    a = _bcast(alpha_bar, x_t)
+    return (a.sqrt() * out.double() + (1 - a).sqrt() * x_t.double()).to(out.dtype)

@@ -7,8 +7,9 @@ noise-prediction errors. Captions are replaced by "" with p = 0.1 for classifier
 
 Tiny size (offline demo): the tiny base U-Nets start random, so stage "base" first trains them alone (Eq. (7) for each
 model: the added modules are an exact identity and stay untrained), then stage "joint" freezes them and trains the
-added modules and the motion modules, mirroring the paper's premise of pretrained base models.
-Multi-GPU: `torchrun --nproc_per_node N train.py ...` (DDP; --batch-size is per GPU). Left out: LR schedules, v-prediction.
+added modules and the motion modules, mirroring the paper's premise of pretrained base models. The tiny U-Nets
+predict v, so both stages regress on v there (timesteps.target; why: base_models.py); lr decays by a cosine.
+Multi-GPU: `torchrun --nproc_per_node N train.py ...` (DDP; --batch-size is per GPU). Left out: LR warm-up and other schedules.
 """
 import argparse
 import json
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from cache import CachedClips, cached_inputs
 from data import build_dataset
 from model import build_model
-from timesteps import add_noise, alpha_bar_table, predict_x0
+from timesteps import add_noise, alpha_bar_table, predict_x0, target, to_eps
 
 
 def parse_args(argv=None):
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many joint steps")
     p.add_argument("--base-steps", type=int, default=None, help="tiny only: steps of the base-model stage")
     p.add_argument("--lr", type=float, default=None, help="1e-5 (Sec. 4.1.2)")
+    p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                   help="constant (paper, Sec. 4.1.2); tiny default cosine: a few thousand steps must settle")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])  # paper: Adam; official: AdamW wd 0.01
     p.add_argument("--p-self-cond", type=float, default=0.5)  # Chen et al. (2022); official code
     p.add_argument("--p-uncond", type=float, default=0.1)  # official --drop_rate_cfg
@@ -62,8 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
+    # tiny: 700 + 200 steps fit the demo's 15 minutes on 2 CPU cores (README); the rest is Sec. 4.1.2
     defaults = dict(fps=4 if args.data in ("landscape", "vggsound") else 8, batch_size=8 if tiny else 16,
-                    lr=1e-3 if tiny else 1e-5, base_steps=600 if tiny else 0, max_steps=300 if tiny else None,
+                    lr=1e-3 if tiny else 1e-5, lr_schedule="cosine" if tiny else "constant",
+                    base_steps=700 if tiny else 0, max_steps=200 if tiny else None,
                     num_workers=0 if tiny else 4, precision="bf16" if args.device.startswith("cuda") else "fp32",
                     out=f"runs/{args.data}-{args.size}-{args.conditioner}")
     for k, v in defaults.items():
@@ -84,7 +89,7 @@ def joint_loss(model, bases, batch, args, step, offset=0):
 
     Every random draw of sample j comes from its own generator seeded by (seed, step, offset + j), so a run is
     reproducible from its step alone (exact resume) and does not depend on how a global batch is split over GPUs."""
-    dev, B = args.device, len(batch["caption"])
+    dev, B, P = args.device, len(batch["caption"]), bases.prediction_type
     gens = [torch.Generator().manual_seed((args.seed << 40) + (step << 16) + offset + j) for j in range(B)]
     randn = lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(dev)
     with torch.no_grad():
@@ -108,11 +113,13 @@ def joint_loss(model, bases, batch, args, step, offset=0):
     if torch.rand((), generator=coin).item() < args.p_self_cond:  # self-conditioning (Chen et al., 2022)
         with torch.no_grad(), autocast(args):
             e_v, e_a = model(xt_v, xt_a, tv, ta, text_v, text_a)
-        x0_v, x0_a = predict_x0(xt_v, e_v.float(), ab_v), predict_x0(xt_a, e_a.float(), ab_a)  # Eq. (6)
+        x0_v = predict_x0(xt_v, to_eps(e_v.float(), xt_v, ab_v, P["v"]), ab_v)  # Eq. (6)
+        x0_a = predict_x0(xt_a, to_eps(e_a.float(), xt_a, ab_a, P["a"]), ab_a)  # Eq. (6)
     with autocast(args):
         pred_v, pred_a = model(xt_v, xt_a, tv, ta, text_v, text_a, x0_v, x0_a)
-    l_v = F.mse_loss(pred_v.float(), eps_v, reduction="none").flatten(1).mean(1)  # Eq. (10), per sample
-    l_a = F.mse_loss(pred_a.float(), eps_a, reduction="none").flatten(1).mean(1)
+    # Eq. (10), per sample; the target is eps for the real base models (the paper), v for the tiny ones (README)
+    l_v = F.mse_loss(pred_v.float(), target(x_v, eps_v, ab_v, P["v"]), reduction="none").flatten(1).mean(1)
+    l_a = F.mse_loss(pred_a.float(), target(x_a, eps_a, ab_a, P["a"]), reduction="none").flatten(1).mean(1)
     loss = l_v.mean() + l_a.mean()  # Eq. (9)
     return loss, dict(t_v=t_v.tolist(), t_a=t_a.tolist(), loss_v=l_v.tolist(), loss_a=l_a.tolist())
 
@@ -189,6 +196,9 @@ def train_stage(stage, model, bases, params, steps, args):
             mine = [order[i * G + rank * b + j].item() for i in range(k, per_epoch) for j in range(b)]  # this GPU's share
             for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), b, num_workers=args.num_workers):
                 t0 = time.time()
+                cosine = 0.5 + 0.5 * math.cos(math.pi * step / steps) if args.lr_schedule == "cosine" else 1.0
+                for g in opt.param_groups:  # a function of the step alone: resume stays exact
+                    g["lr"] = args.lr * cosine
                 loss, info = joint_loss(net, bases, batch, args, step, offset=rank * b)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level
 from base_models import load_base_models  # noqa: E402
 from data import build_dataset  # noqa: E402
 from model import audio_walk, video_walk  # noqa: E402
-from timesteps import add_noise, alpha_bar_table, local_timesteps  # noqa: E402
+from timesteps import add_noise, alpha_bar_table, local_timesteps, to_eps  # noqa: E402
 
 
 def finish(walk):
@@ -48,8 +48,9 @@ def base_losses(bases, x0_v, x0_a, text_v, text_a, steps_v, steps_a, seed=0, bat
     """Eq. (7) loss of each base model alone at the local timesteps steps_v (video m) and steps_a (audio n), each in
     1..1000 -> ({m: mean loss}, {n: mean loss}). x0_*: clean latents (N, ...); text_*: their captions' embeddings."""
     out = []
-    for x0, text, steps, ac, walk in ((x0_v, text_v, steps_v, bases.alphas_cumprod_v, (video_walk, bases.video_unet)),
-                                      (x0_a, text_a, steps_a, bases.alphas_cumprod_a, (audio_walk, bases.audio_unet))):
+    for x0, text, steps, ac, walk, kind in (
+            (x0_v, text_v, steps_v, bases.alphas_cumprod_v, (video_walk, bases.video_unet), bases.prediction_type["v"]),
+            (x0_a, text_a, steps_a, bases.alphas_cumprod_a, (audio_walk, bases.audio_unet), bases.prediction_type["a"])):
         g = torch.Generator().manual_seed(seed)
         eps = torch.randn(x0.shape, generator=g).to(x0)  # one noise per clip, the same at every timestep
         table, losses = alpha_bar_table(ac), {}
@@ -58,7 +59,7 @@ def base_losses(bases, x0_v, x0_a, text_v, text_a, steps_v, steps_a, seed=0, bat
             for i in range(0, len(x0), batch):
                 x_t = add_noise(x0[i:i + batch], eps[i:i + batch], float(table[k]))  # Eq. (2)
                 t = torch.full((len(x_t),), k - 1, device=x0.device)  # paper timestep k -> diffusers index k - 1
-                pred = finish(walk[0](walk[1], x_t, t, text[i:i + batch]))
+                pred = to_eps(finish(walk[0](walk[1], x_t, t, text[i:i + batch])), x_t, float(table[k]), kind)
                 per.append((pred.float() - eps[i:i + batch]).pow(2).flatten(1).mean(1))  # Eq. (10), per sample
             losses[k] = torch.cat(per).mean().item()
         out.append(losses)

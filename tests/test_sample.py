@@ -16,10 +16,11 @@ from model import build_model
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def base_alone(unet, x, text, null, scale, T, call, sched_json):
+def base_alone(unet, x, text, null, scale, T, call, sched_json, prediction_type):
     """The base model on its own: diffusers' DDIM ('trailing' grid, final alpha 1) with classifier-free guidance."""
     cfg = {k: v for k, v in json.loads((ROOT / "configs" / sched_json).read_text()).items() if not k.startswith("_")}
-    s = DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "set_alpha_to_one": True})
+    s = DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "set_alpha_to_one": True,
+                                   "prediction_type": prediction_type})  # tiny U-Nets predict v (base_models.py)
     s.set_timesteps(T)
     for t in s.timesteps:
         u, c = call(unet, torch.cat([x, x]), t, torch.cat([null, text])).chunk(2)
@@ -41,8 +42,10 @@ def test_gamma_one_identity_modules_equal_base_models():
     video = lambda u, x, t, c: u(x, t, encoder_hidden_states=c.repeat_interleave(F_, 0)).sample
     audio = lambda u, x, t, c: u(x, t, encoder_hidden_states=None, class_labels=c).sample
     with torch.no_grad():
-        ref_v = base_alone(model.video_unet, n_v, text_v, null_v, 7.5, T, video, "animatediff_ddim_scheduler.json")
-        ref_a = base_alone(model.audio_unet, n_a, text_a, null_a, 2.5, T, audio, "audioldm_ddim_scheduler.json")
+        ref_v = base_alone(model.video_unet, n_v, text_v, null_v, 7.5, T, video, "animatediff_ddim_scheduler.json",
+                            bases.prediction_type["v"])
+        ref_a = base_alone(model.audio_unet, n_a, text_a, null_a, 2.5, T, audio, "audioldm_ddim_scheduler.json",
+                            bases.prediction_type["a"])
     assert torch.allclose(x_v, ref_v, rtol=1e-4, atol=1e-4) and torch.allclose(x_a, ref_a, rtol=1e-4, atol=1e-4)
     x_v2, _ = sample.generate(model, bases, prompts, seeds, T=T, gamma=2.0, bar=False)
     assert not torch.allclose(x_v, x_v2, atol=1e-3)  # gamma really changes the local grids

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from timesteps import add_noise, alpha_bar_table, ddim_step, local_timesteps, predict_x0
+from timesteps import add_noise, alpha_bar_table, ddim_step, local_timesteps, predict_x0, target, to_eps
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SCHEDULERS = ["animatediff_ddim_scheduler.json", "audioldm_ddim_scheduler.json"]  # linear / scaled_linear
@@ -96,3 +96,27 @@ def test_predict_x0_inverts_add_noise():
     assert torch.allclose(predict_x0(add_noise(x0, eps, a), eps, a), x0, atol=1e-5)
     x_prev, _ = ddim_step(add_noise(x0, eps, a), eps, a, 0.5)  # with the true eps DDIM lands on Eq. (2) at 0.5
     assert torch.allclose(x_prev, add_noise(x0, eps, 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_v_prediction_matches_diffusers(name):
+    """v-prediction U-Nets (our tiny ones): target() is diffusers' get_velocity, and to_eps() + Eq. (5) is exactly
+    DDIMScheduler.step(prediction_type="v_prediction"); for eps U-Nets both are the identity."""
+    s = scheduler(name, timestep_spacing="trailing", set_alpha_to_one=True, prediction_type="v_prediction")
+    s.set_timesteps(25)
+    table = alpha_bar_table(s.alphas_cumprod)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    t = torch.tensor([1, 500, 1000])
+    assert torch.allclose(target(x0, eps, table[t], "v_prediction"), s.get_velocity(x0, eps, t - 1), atol=1e-5)
+    assert target(x0, eps, table[t], "epsilon") is eps and to_eps(x0, eps, 0.3, "epsilon") is x0
+    x_t = add_noise(x0, eps, table[t])
+    assert torch.allclose(to_eps(target(x0, eps, table[t], "v_prediction"), x_t, table[t], "v_prediction"), eps, atol=1e-5)
+    x = torch.randn(2, 4, 3, 5, generator=g)
+    for k in range(25, 0, -1):
+        m, m_prev = 40 * k, 40 * (k - 1)
+        v = torch.randn(x.shape, generator=g)
+        ref = s.step(v, m - 1, x)
+        x, x0_hat = ddim_step(x, to_eps(v, x, table[m], "v_prediction"), table[m], table[m_prev])
+        assert torch.allclose(x0_hat, ref.pred_original_sample, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(x, ref.prev_sample, rtol=1e-5, atol=1e-4)
