@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=int, default=None, help="tiny only: steps of the base-model stage")
     p.add_argument("--lr", type=float, default=None, help="1e-5 (Sec. 4.1.2)")
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
-                   help="constant (paper, Sec. 4.1.2); tiny default cosine: a few thousand steps must settle")
+                   help="constant (paper, Sec. 4.1.2); tiny default cosine: a few hundred steps must settle")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])  # paper: Adam; official: AdamW wd 0.01
     p.add_argument("--p-self-cond", type=float, default=0.5)  # Chen et al. (2022); official code
     p.add_argument("--p-uncond", type=float, default=0.1)  # official --drop_rate_cfg
