@@ -254,7 +254,9 @@ def main(argv=None):
         clip_seeds = list(range(SEEDS["val"], SEEDS["val"] + N))
     real = [synthetic_clip(s) for s in tqdm(clip_seeds, desc=f"{a.split} clips")]
     prompts, noise = [c["caption"] for c in real], [10 ** 4 + i for i in range(N)]  # noise seed of clip i: every row
-    ev = out / "eval" / f"{a.split}_j{a.joint_steps}_T{a.steps}"  # one folder per budget
+    ev = out / "eval" / f"{a.split}_j{a.joint_steps}_T{a.steps}"  # one folder per budget (and non-paper guidance)
+    ev = ev.with_name(ev.name + f"_g{a.guidance_video}-{a.guidance_audio}") if (a.guidance_video, a.guidance_audio) != (
+        7.5, 2.5) else ev
     extract = network_features(a, a.device)
     rows = {}  # key -> list over seeds of per-clip score dicts
 

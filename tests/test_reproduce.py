@@ -120,3 +120,12 @@ def test_fig2_curves_and_png(tmp_path):
     res = fig2.main(["--num-clips", "2", "--points", "4", "--batch-size", "2", "--out", str(tmp_path / "f.png")])
     assert (tmp_path / "f.png").stat().st_size > 1000 and res["a_video"][0] == res["a_audio"][0] == 1.0
     assert json.loads((tmp_path / "f.json").read_text())["gap_by_gamma"] == res["gap_by_gamma"]
+
+
+def test_other_guidance_is_scored_apart(quick):
+    """Scores are cached per (split, budget, T, guidance): a new guidance must not reuse the paper-guidance scores."""
+    out, res = quick
+    other = reproduce.main(QUICK + ["--out", str(out), "--guidance-video", "1"])
+    assert (out / "eval" / "test_j2_T2_g1.0-2.5").is_dir() and (out / "eval" / "test_j2_T2").is_dir()
+    assert other["rows"]["real"] == res["rows"]["real"]  # the bounds do not depend on guidance
+    assert other["rows"]["cmcpe-g1.0"] != res["rows"]["cmcpe-g1.0"]  # generated clips do
