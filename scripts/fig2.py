@@ -8,6 +8,7 @@ m(t), audio loss at n(t)); a PNG plus the numbers as JSON.
 
 The loss is Eq. (7) of each FROZEN base model alone (no added modules), mean squared noise-prediction error per
 sample (Eq. (10)), averaged over clips; every clip keeps the same noise at every timestep (less variance across t).
+The tiny U-Nets predict v: their output is turned into eps first (timesteps.to_eps), so the curve is their eps error.
 "t = 0" is clean data, where the loss is undefined (x_t = x_0 carries no noise to predict); as the paper's curves start
 at t = 0, we normalise by the loss at the smallest timestep, 1 (diffusers index 0). The global grid of (b) uses
 T = 1000 (Eq. (8) with T = T_v = T_a) so that both panels share one axis; sampling uses T = 25 of them. The plotted

@@ -363,7 +363,7 @@ def markdown(summary, tests, a, seconds):
              f"this invocation {seconds / 60:.1f} min)", "",
              "| row | paper FVD | paper FAD | paper AV-Align | AV-Align (IoU) ↑ | FD-video-feat ↓ | FD-mel ↓ "
              "| onsets / flow peaks per clip |", "|---|---|---|---|---|---|---|---|"]
-    labels = [("real", "Real test pairs (upper bound)"),
+    labels = [("real", f"Real {a.split} pairs (upper bound)"),
               ("codec", "Real pairs through the tiny autoencoders + Griffin-Lim"),
               ("real-other", f"Another {n} real clips (FD noise floor)"),
               ("shuffled", "Real, audio shuffled across clips (lower bound)"),
