@@ -187,7 +187,7 @@ def _pretrained(video_base, motion_adapter, audio_base):
         raise WeightsNotFound(
             f"pretrained weights not available ({type(e).__name__}): need {video_base} (unet, vae, text_encoder, "
             f"tokenizer), {motion_adapter} and {audio_base} (unet, vae, text_encoder, tokenizer, vocoder); download "
-            f"them from the Hugging Face hub (`huggingface-cli download <id>`) or pass local folders with that layout"
+            f"them from the Hugging Face hub (`hf download <id>`) or pass local folders with that layout"
         ) from None
     return parts
 
@@ -195,7 +195,7 @@ def _pretrained(video_base, motion_adapter, audio_base):
 class BaseModels(nn.Module):
     """Frozen base models (requires_grad False, eval mode) and their data <-> latent maps (notes §4)."""
 
-    def __init__(self, size, fps, video_size, tokenizer_v, tokenizer_a, **modules):
+    def __init__(self, size, fps, video_size, tokenizer_v, tokenizer_a, schedulers=None, **modules):
         super().__init__()
         self.size, self.fps, self.video_size, self.sr = size, fps, video_size, SR
         self.tokenizer_v, self.tokenizer_a = tokenizer_v, tokenizer_a
@@ -204,7 +204,7 @@ class BaseModels(nn.Module):
         # {beta_t} of Eq. (1) per modality, as alphas_cumprod (1000,): AnimateDiff linear, AudioLDM scaled_linear
         self.prediction_type = {}  # what each U-Net outputs: "epsilon" (the real ones) or "v_prediction" (tiny)
         for m, name in (("v", "animatediff_ddim_scheduler.json"), ("a", "audioldm_ddim_scheduler.json")):
-            sched = DDIMScheduler.from_config(_cfg(name))
+            sched = DDIMScheduler.from_config((schedulers or {}).get(m) or _cfg(name))  # a pipe/'s own, if it has them
             self.register_buffer(f"alphas_cumprod_{m}", sched.alphas_cumprod.clone())
             self.prediction_type[m] = "v_prediction" if size == "tiny" else sched.config.prediction_type
         self.requires_grad_(False).eval()
@@ -286,7 +286,12 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8,
         parts["tokenizer_v"], parts["tokenizer_a"] = byte_tokenizers()
     else:
         raise ValueError(f"size must be 'tiny', 'full' or 'pretrained', not {size!r}")
-    base = BaseModels(size, fps, 64 if size == "tiny" else 256, **parts)  # paper: 256x256 frames
+    return assemble(parts, size, device, dtype, fps, 64 if size == "tiny" else 256)  # paper: 256x256 frames
+
+
+def assemble(parts, size, device, dtype, fps, video_size, schedulers=None):
+    """BaseModels from its parts, on device; weights in dtype except the Griffin-Lim vocoder (torch.stft: fp32)."""
+    base = BaseModels(size, fps, video_size, schedulers=schedulers, **parts)
     for m in base.children():
-        m.to(device, torch.float32 if isinstance(m, GriffinLim) else dtype)  # torch.stft wants fp32
+        m.to(device, torch.float32 if isinstance(m, GriffinLim) else dtype)
     return base.to(device)

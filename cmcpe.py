@@ -1,13 +1,13 @@
-"""Cross-modal conditioning: connectors and CMC-PE (Sec. 3.3.2, Fig. 3b, Eq. (6), App. A.2), plus the
-cross-attention baseline of Sec. 3.3.1 / Fig. 3a (Table 1).
+"""Cross-modal conditioning: the connectors and CMC-PE (Sec. 3.3.2, Fig. 1, Fig. 3b, App. A.2), and the
+cross-attention baseline (Sec. 3.3.1, Fig. 3a, Table 1 row 1), computed exactly as the authors' released model.
 
-- Connector: the other modality's per-time-step features, from [x_t ; x0_hat] (self-conditioning, Eq. (6)) and t.
-  A simplified CoDi "environment encoder"; time resolution is kept (video: every frame, audio: every latent frame).
-- CMCPE: context sequence -> resampled onto the feature's time axis BY SECONDS -> broadcast -> added like a positional
-  encoding -> self-attention -> feed-forward; zero-initialised output, so the frozen U-Net is unchanged at init.
-- CrossAttentionConditioner: the baseline, ctx pooled to one vector and attended to (CoDi SpatialTransformer style).
-Left out (vs. the official code): the second self-attention of each CMC-PE block, the connector's temporal
-feed-forward / frame-shift blocks and relative position bias, dropout, gradient checkpointing.
+Data flow (model.py wires it): Connector([x_t ; x0_hat], emb(t)) -> pooled to one vector per time step -> the OTHER
+U-Net's CMCPE blocks: the sequence is projected, resampled onto the feature's time axis, broadcast over its non-time
+axes and ADDED like a positional encoding, then self-attention runs. Parameter names are the released `unet_svg`'s
+(official.py maps only the prefixes), so its weights load. A `# released:` comment marks every place where the
+released model does more or other than the paper's words. Our one addition is `time_align="seconds"` (time_weights).
+Left out: dropout (0 in the release), the connector variant without self-conditioning ("x_cur"), the CoDi modules the
+release never builds.
 """
 import math
 
@@ -15,71 +15,171 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+TIME_ALIGN = ("seconds", "index")  # ours (default for new runs) / the released model's nearest-by-index
+
+
+def group_norm(c, eps=1e-5):
+    return nn.GroupNorm(math.gcd(32, c), c, eps=eps)  # 32 groups as released; fewer only for tiny widths
+
+
+def zero(module):  # zero-initialised output layers make a residual branch start as the identity
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
 
 def time_weights(T_x, sec_x, T_c, sec_c):
-    """(T_x, T_c) resampling matrix from a context time axis onto a feature time axis, by seconds.
+    """(T_x, T_c) resampling matrix from a context time axis onto a feature time axis, BY SECONDS (ours).
 
-    x-frame i covers [i*sec_x, (i+1)*sec_x), c-frame k covers [k*sec_c, (k+1)*sec_c).
-    W[i, k] = |span_i & span_k| / sum_k' |span_i & span_k'|, so (W @ ctx)[i] is the overlap-weighted mean of the
-    context frames that share time with x-frame i; a row with no overlap at all (x-frame past the context's end) is 0.
-    Example: 13 audio frames of 0.32 s onto 32 video frames of 0.125 s: audio frame 12 covers [3.84, 4.16) (half
-    padding) and averages video frames 30 and 31 with weights 0.035 : 0.125. Unlike the official nearest-by-index
-    stretching (F.interpolate), a padded sequence is not stretched over the clip.
+    x-frame i covers [i*sec_x, (i+1)*sec_x), c-frame k covers [k*sec_c, (k+1)*sec_c); W[i, k] is the share of x-frame
+    i's overlap that falls on c-frame k, so (ctx @ W.T)[:, :, i] is the overlap-weighted mean of the context frames that
+    share time with x-frame i; a row with no overlap (past the context's end) is 0. The released model instead takes
+    context frame floor(i * T_c / T_x) (F.interpolate's nearest): it stretches a padded 4.16 s audio context over 4 s
+    of video, 4 % too slow, so that the last video frames see audio up to 0.16 s earlier than their own time.
     """
     i, k = torch.arange(T_x, dtype=torch.float64), torch.arange(T_c, dtype=torch.float64)
     start = torch.maximum(i[:, None] * sec_x, k[None, :] * sec_c)
     end = torch.minimum((i[:, None] + 1) * sec_x, (k[None, :] + 1) * sec_c)
     overlap = (end - start).clamp(min=0)
     overlap[overlap < 1e-9 * min(sec_x, sec_c)] = 0  # touching spans (float round-off), not overlapping ones
-    total = overlap.sum(1, keepdim=True)
-    return (overlap / total.clamp(min=1e-30)).float()
+    return (overlap / overlap.sum(1, keepdim=True).clamp(min=1e-30)).float()
 
 
-def sinusoidal(t, dim):
-    """(N,) positions or diffusers timesteps (float ok) -> (N, dim) cos/sin embedding (ADM / diffusers convention)."""
-    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = t.float()[:, None] * freqs
-    return torch.cat([args.cos(), args.sin()], -1)
-
-
-def group_norm(c):
-    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)  # 32 groups at full size; fewer for tiny test widths
-
-
-def zero(module):
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class Attention(nn.Module):
-    """Pre-LN multi-head attention (self-attention when context is None); the caller adds the residual."""
-
-    def __init__(self, dim, heads=8, context_dim=None, zero_out=False):
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.heads, self.norm = heads, nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
-        self.to_out = zero(nn.Linear(dim, dim)) if zero_out else nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
 
-    def forward(self, x, context=None):  # x (N, S, C), context (N, S_c, C_c)
-        x = self.norm(x)
-        k, v = self.to_kv(x if context is None else context).chunk(2, -1)
-        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (self.to_q(x), k, v))  # (N, heads, S, d)
-        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (N, S, C)
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, -1)
+        return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
-    """Pre-LN GEGLU feed-forward (SD / CoDi): dim -> 2*mult*dim -> GEGLU -> dim_out. LN per token (= per time step)."""
+    """GEGLU MLP over the last axis (SD / CoDi): dim -> 4 dim (gated) -> dim_out."""
 
-    def __init__(self, dim, dim_out, mult=4):
+    def __init__(self, dim, dim_out=None, mult=4):
         super().__init__()
-        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 2 * mult * dim)
-        self.out = nn.Linear(mult * dim, dim_out)
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim_out or dim))
 
     def forward(self, x):
-        a, gate = self.proj(self.norm(x)).chunk(2, -1)
-        return self.out(a * F.gelu(gate))
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over (N, S, dim) tokens, self-attention when context is None; q, k, v without bias."""
+
+    def __init__(self, dim, heads, dim_head, context_dim=None):
+        super().__init__()
+        self.heads, inner = heads, heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        c = x if context is None else context
+        q, k, v = (f(z).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (N, heads, S, dim_head)
+                   for f, z in ((self.to_q, x), (self.to_k, c), (self.to_v, c)))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (N, S, dim)
+
+
+class AdditiveCondition(Attention):
+    """The core of CMC-PE (Sec. 3.3.2): the other modality's sequence becomes a positional encoding of this one."""
+
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__(dim, heads, dim_head)
+        self.proj_c = FeedForward(context_dim, dim)  # released: a GEGLU MLP per context step
+        self.norm = group_norm(dim, eps=1e-6)  # released: GroupNorm over channels x ALL context steps
+
+    def encoding(self, ctx, T, weights=None):
+        """ctx (B, C_c, T_c) -> (B, C, T) on the feature's T time steps: by `weights` (time_weights) or, when None,
+        nearest by index as released."""
+        c = self.norm(self.proj_c(ctx.transpose(1, 2)).transpose(1, 2))  # (B, T_c, C_c) -> (B, C, T_c)
+        return F.interpolate(c, size=T) if weights is None else c @ weights.T.to(c)  # Fig. 3b: interpolate
+
+
+class CMCPE(nn.Module):
+    """Sec. 3.3.2 / Fig. 3b, one block after a U-Net stage: GN -> 1x1 conv -> [LN; + attn(x + PE)] ->
+    [LN; + self-attn] -> [LN; + FF] -> zero-init 1x1 conv -> + input: an exact identity at init.
+    released: two self-attentions (the first one on x + PE), and each residual adds the NORMALISED tensor."""
+
+    def __init__(self, channels, context_channels, video, head_dim=8, time_align="seconds"):
+        super().__init__()
+        C, heads = channels, channels // head_dim  # released: 8-wide heads (the U-Net's attention_head_dim)
+        self.video, self.time_align = video, time_align
+        self.norm, self.proj_in = group_norm(C, eps=1e-6), nn.Conv2d(C, C, 1)
+        self.attn_c = AdditiveCondition(C, heads, head_dim, context_channels)
+        self.attn_s, self.ff = Attention(C, heads, head_dim), FeedForward(C)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
+        self.proj_out = zero(nn.Conv2d(C, C, 1))
+
+    @staticmethod
+    def pool(z):
+        """Connector map (B, C, F, h, w) / (B, C, T, M) -> context (B, C, T_c): mean over the non-time axes.
+        released: then divided by its L2 norm over TIME (not channels), without an epsilon."""
+        z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
+        return z / torch.norm(z, dim=-1, keepdim=True)
+
+    def attend(self, attn, x):  # released: video attends within each frame, audio over all T x M tokens
+        B, T, S, C = x.shape
+        return attn(x.reshape(B * T, S, C) if self.video else x.reshape(B, T * S, C)).view(B, T, S, C)
+
+    def forward(self, h, ctx, sec_h, sec_c, num_frames=None):
+        """h: video (B*F, C, H, W) frames (num_frames = F) or audio (B, C, T, M); ctx (B, C_c, T_c); sec_h, sec_c:
+        seconds per time step of h and of ctx (used by time_align="seconds")."""
+        if self.video:
+            if num_frames is None or h.shape[0] % num_frames:
+                raise ValueError(f"video features (B*F, C, H, W) need num_frames dividing {h.shape[0]}, got {num_frames}")
+            x = h.unflatten(0, (-1, num_frames)).flatten(3).transpose(2, 3)  # (B*F, C, H, W) -> (B, F, H*W, C)
+        else:
+            x = h.permute(0, 2, 3, 1)  # (B, C, T, M) -> (B, T, M, C)
+        B, T, S, C = x.shape
+        # GroupNorm over ALL tokens (video: all frames together), as a 1x1 conv sees them: (B, C, T*S, 1)
+        x = self.proj_in(self.norm(x.reshape(B, T * S, C).transpose(1, 2)[..., None]))[..., 0]
+        x = x.transpose(1, 2).view(B, T, S, C)
+        weights = None if self.time_align == "index" else time_weights(T, sec_h, ctx.shape[-1], sec_c)
+        pe = self.attn_c.encoding(ctx, T, weights).transpose(1, 2)[:, :, None]  # (B, T, 1, C): broadcast over S
+        x = self.norm1(x)
+        x = x + self.attend(self.attn_c, x + pe)  # Fig. 3b: add like a positional encoding, then self-attention
+        x = self.norm2(x)
+        x = x + self.attend(self.attn_s, x)
+        x = self.norm3(x)
+        x = x + self.ff(x)
+        out = self.proj_out(x.reshape(B, T * S, C).transpose(1, 2)[..., None])[..., 0]  # (B, C, T*S)
+        if self.video:  # (B, C, F*H*W) -> (B*F, C, H, W)
+            return h + out.view(B, C, T, *h.shape[2:]).transpose(1, 2).reshape(h.shape)
+        return h + out.view(h.shape)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Sec. 3.3.1 / Fig. 3a baseline (CoDi's SpatialTransformer; Table 1 row 1): the other modality as ONE vector,
+    attended to by every token. With a single key the softmax is 1, so it adds the same to_out(to_v(c)) everywhere:
+    no temporally local information can reach the features. Video runs per frame. Identity at init."""
+
+    def __init__(self, channels, context_channels, video, head_dim=8, time_align=None):
+        super().__init__()
+        C, heads = channels, channels // head_dim
+        self.video = video
+        self.norm, self.proj_in = group_norm(C, eps=1e-6), nn.Conv2d(C, C, 1)
+        self.attn1, self.ff = Attention(C, heads, head_dim), FeedForward(C)
+        self.attn2 = Attention(C, heads, head_dim, context_dim=context_channels)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
+        self.proj_out = zero(nn.Conv2d(C, C, 1))
+
+    @staticmethod
+    def pool(z):
+        """Connector map -> (B, 1, C): mean over every non-channel axis, L2-normalised over channels (CoDi)."""
+        z = z.mean(2).mean(2).mean(2) if z.dim() == 5 else z.mean(2).mean(2)
+        return (z / torch.norm(z, dim=-1, keepdim=True)).unsqueeze(1)
+
+    def forward(self, h, ctx, sec_h=None, sec_c=None, num_frames=None):  # h (N, C, H, W); ctx (B, 1, C_c)
+        c = ctx.repeat_interleave(num_frames, 0) if self.video else ctx  # one key per frame: (B*F, 1, C_c)
+        x = self.proj_in(self.norm(h)).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, H*W, C)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), c)
+        x = x + self.ff(self.norm3(x))
+        return h + self.proj_out(x.transpose(1, 2).reshape(h.shape))
 
 
 class ResBlock(nn.Module):
@@ -88,111 +188,149 @@ class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
-        self.out_layers = nn.Sequential(group_norm(c_out), nn.SiLU(), zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
+        self.out_layers = nn.Sequential(group_norm(c_out), nn.SiLU(), nn.Dropout(0.0),
+                                        zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
+        self.skip_connection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # x (N, c_in, H, W), emb (N, emb_dim)
-        return self.skip(x) + self.out_layers(self.in_layers(x) + self.emb(emb)[:, :, None, None])
+        return self.skip_connection(x) + self.out_layers(self.in_layers(x) + self.emb_layers(emb)[:, :, None, None])
+
+
+class Dim1Norm(nn.Module):
+    """CoDi's bias-free norm over axis 1 with gain g: over channels of (B, C, F, H, W) maps ("ChanLayerNorm"), and,
+    released quirk, over the FRAMES of the (N, F, C) sequences of the temporal attention (there named LayerNorm)."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(*shape))
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        var, mean = torch.var(x, dim=1, unbiased=False, keepdim=True), torch.mean(x, dim=1, keepdim=True)
+        return ((x - mean) * var.clamp(min=eps).rsqrt()).to(self.g.dtype) * self.g
+
+
+class RelativePositionBias(nn.Module):
+    """Continuous position bias (Swin v2): an MLP of the signed log frame offset -> one attention bias per head."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), nn.SiLU()), nn.Sequential(nn.Linear(dim, dim),
+                                  nn.SiLU()), nn.Linear(dim, heads)])
+
+    def forward(self, n):  # -> (heads, n, n)
+        w = self.net[0][0].weight
+        i = torch.arange(n, device=w.device, dtype=torch.float32)
+        d = (i[:, None] - i[None, :])[..., None]  # (n, n, 1): frame offset i - j
+        d = (torch.sign(d) * torch.log(d.abs() + 1)).to(w.dtype)
+        for layer in self.net:
+            d = layer(d)
+        return d.permute(2, 0, 1)
+
+
+def sinusoidal(pos, dim):  # (n,) -> (n, dim), [sin | cos] with CoDi's frequency spacing log(1e4) / (dim/2 - 1)
+    freqs = torch.exp(torch.arange(dim // 2, device=pos.device, dtype=torch.float32) * -(math.log(10000) / (dim // 2 - 1)))
+    args = pos[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], -1)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention across the frames of each pixel; frame-time encoding and relative position bias."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads, self.norm = heads, Dim1Norm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = zero(nn.Linear(heads * dim_head, dim, bias=False))
+
+    def forward(self, x, bias):  # x (N, F, C), bias (heads, F, F)
+        n = x.shape[1]
+        t = torch.arange(n, device=x.device, dtype=torch.float32) / 8  # released: frame times at 8 fps, any fps
+        x = self.norm(x + sinusoidal(t, x.shape[2]).to(x.dtype))  # released: the norm runs over frames
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (self.to_q(x), *self.to_kv(x).chunk(2, -1)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (N, heads, F, dim_head)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class ChannelGEGLU(nn.Module):
+    def forward(self, x):  # (B, 2C, ...) -> (B, C, ...), computed in float32 as released
+        x, gate = x.float().chunk(2, 1)
+        return x * F.gelu(gate)
+
+
+class TemporalFeedForward(nn.Module):
+    """1x1x1 conv GEGLU MLP whose second half of channels is shifted one frame later (token shift)."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        inner = int(dim * mult * 2 / 3)
+        self.proj_in = nn.Sequential(nn.Conv3d(dim, 2 * inner, 1, bias=False), ChannelGEGLU())
+        self.proj_out = nn.Sequential(Dim1Norm(inner, 1, 1, 1), nn.Conv3d(inner, dim, 1, bias=False))
+
+    def forward(self, x):  # (B, C, F, H, W)
+        a, b = self.proj_in(x).chunk(2, 1)
+        return self.proj_out(torch.cat([a, F.pad(b, (0, 0, 0, 0, 1, -1))], 1))  # b: frame f sees frame f - 1
+
+
+class FrameShift(nn.Module):
+    """GN-SiLU-zero conv per frame, channel group i (of 8) delayed by i frames, plus the input."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.out_layers = nn.Sequential(group_norm(dim), nn.SiLU(), zero(nn.Conv2d(dim, dim, 3, padding=1)))
+
+    def forward(self, x):  # (B, C, F, H, W)
+        B, C, n, H, W = x.shape
+        h = self.out_layers(x.transpose(1, 2).reshape(B * n, C, H, W)).view(B, n, C, H, W).transpose(1, 2)
+        return x + torch.cat([F.pad(g, (0, 0, 0, 0, min(i, n), -min(i, n))) for i, g in enumerate(h.chunk(8, 1))], 1)
+
+
+class SpatioTemporalAttention(nn.Module):
+    """Video connector only (CoDi): lets frame f's features see the motion around f. Each step adds a residual."""
+
+    def __init__(self, dim, heads=8):
+        super().__init__()
+        self.temporal_attn = TemporalAttention(dim, heads, dim // 4)  # released: dim/4-wide heads, 2 dim inner
+        self.temporal_rel_pos_bias = RelativePositionBias(dim // 2, heads)
+        self.ff, self.frameshiftblock = TemporalFeedForward(dim), FrameShift(dim)
+
+    def forward(self, x):  # (B, C, F, H, W)
+        B, C, n, H, W = x.shape
+        t = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, n, C)  # (B*H*W, F, C): one sequence per pixel
+        t = t + self.temporal_attn(t, self.temporal_rel_pos_bias(n))
+        x = t.view(B, H, W, n, C).permute(0, 4, 3, 1, 2)  # back to (B, C, F, H, W)
+        return self.frameshiftblock(x + self.ff(x))
 
 
 class Connector(nn.Module):
-    """[x_t ; x0_hat] (Eq. (6) self-conditioning) and t -> (B, L, out_channels), one feature per time step."""
+    """Sec. 3.3.2 / App. A.2 connector (CoDi's environment encoder) on [x_t ; x0_hat] (self-conditioning with the
+    Eq. (6) estimate; zeros at the first step) and the frozen U-Net's own time embedding of t. The map keeps every
+    frame (video) and halves time (audio): conv, ResBlock(2 ch0) [+ STA], stride-2 conv, ResBlock(4 ch0) [+ STA],
+    GN-SiLU-conv to context_channels. Video runs its 2-D layers per frame."""
 
-    def __init__(self, latent_channels, base_channels, out_channels, video):
+    def __init__(self, latent_channels, model_channels, context_channels, emb_dim, video):
         super().__init__()
-        b, e = base_channels, 4 * base_channels  # e: time-embedding width, 4 x model channels as in ADM / SD
-        self.video, self.base = video, b
-        self.time_embed = nn.Sequential(nn.Linear(b, e), nn.SiLU(), nn.Linear(e, e))
-        self.conv_in = nn.Conv2d(2 * latent_channels, b // 2, 3, padding=1)
-        self.res1, self.res2 = ResBlock(b // 2, 2 * b, e), ResBlock(2 * b, 4 * b, e)
-        # spatial-only downsampling: video halves H, W of each frame; audio halves frequency and keeps every time frame
-        self.down = nn.Conv2d(2 * b, 2 * b, 3, stride=2 if video else (1, 2), padding=1)
-        if video:  # temporal self-attention over frames so video features see motion; zero-init: per-frame at init
-            self.temporal = nn.ModuleList([Attention(2 * b, zero_out=True), Attention(4 * b, zero_out=True)])
-        self.out = nn.Sequential(group_norm(4 * b), nn.SiLU(), nn.Conv2d(4 * b, out_channels, 3, padding=1))
-        self.norm_out = nn.LayerNorm(out_channels)  # per time step over channels (official: L2 over time)
+        c0, c1, c2 = model_channels // 2, 2 * model_channels, 4 * model_channels  # released channel_mult (2, 4)
+        self.video = video
+        self.conv_in = nn.Conv2d(2 * latent_channels, c0, 3, padding=1)
+        self.res1, self.res2 = ResBlock(c0, c1, emb_dim), ResBlock(c1, c2, emb_dim)
+        self.down = nn.Conv2d(c1, c1, 3, stride=2, padding=1)  # video: H, W of each frame; audio: time and mel
+        if video:
+            self.attn1, self.attn2 = SpatioTemporalAttention(c1), SpatioTemporalAttention(c2)
+        self.out = nn.Sequential(group_norm(c2), nn.SiLU(), nn.Conv2d(c2, context_channels, 3, padding=1))
 
-    def mix_frames(self, attn, h, n):  # h (B*F, C, H, W) in b*F+f order, n = F
-        BF, C, H, W = h.shape
-        x = h.view(BF // n, n, C, H, W).permute(0, 3, 4, 1, 2).reshape(-1, n, C)  # (B*H*W, F, C)
-        pe = sinusoidal(torch.arange(n, device=h.device), C).to(h.dtype)  # (F, C): tells attention the frame order
-        x = x + attn(x + pe)
-        return x.view(BF // n, H, W, n, C).permute(0, 3, 4, 1, 2).reshape(BF, C, H, W)  # back to (B*F, C, H, W)
-
-    def forward(self, x_t, x0_hat, t):
-        x = torch.cat([x_t, torch.zeros_like(x_t) if x0_hat is None else x0_hat], 1)  # Eq. (6): (B, 2C, ...)
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # (B,) diffusers index 0..999
-        emb = self.time_embed(sinusoidal(t, self.base).to(x.dtype))  # (B, 4*base)
-        if self.video:
-            n = x.shape[2]
-            x = x.transpose(1, 2).flatten(0, 1)  # (B, 2C, F, H, W) -> (B*F, 2C, H, W): 2-D convs per frame
-            emb = emb.repeat_interleave(n, 0)  # (B*F, 4*base), same b*F+f order
-        h = self.res1(self.conv_in(x), emb)
-        h = self.mix_frames(self.temporal[0], h, n) if self.video else h
-        h = self.res2(self.down(h), emb)
-        h = self.mix_frames(self.temporal[1], h, n) if self.video else h
-        h = self.out(h).mean(-1)  # mean over W (video) / frequency (audio): (B*F, out, H') or (B, out, T)
-        h = h.mean(-1).view(B, n, -1) if self.video else h.transpose(1, 2)  # (B, F, out) or (B, T, out)
-        return self.norm_out(h)
-
-
-class _Conditioner(nn.Module):
-    """GN -> proj_in -> condition -> [self-attn, (cross-attn), FF] -> zero-init proj_out, + h. Identity at init."""
-
-    def __init__(self, channels, video, heads):
-        super().__init__()
-        C = channels
-        self.video, self.cross = video, None
-        self.norm, self.proj_in = group_norm(C), nn.Linear(C, C)  # a 1x1 conv == a per-token Linear
-        self.attn, self.ff = Attention(C, heads), FeedForward(C, C)
-        self.proj_out = zero(nn.Linear(C, C))  # zero-init: exact identity at init
-
-    def forward(self, h, ctx, sec_h, sec_c, num_frames=None):
-        if self.video:
-            if num_frames is None or h.shape[0] % num_frames:
-                raise ValueError(f"video features (B*F, C, h, w) need num_frames dividing {len(h)}, got {num_frames}")
-            BF, C, hh, ww = h.shape
-            x = self.proj_in(self.norm(h).flatten(2).transpose(1, 2))  # (B*F, C, hh, ww) -> (B*F, hh*ww, C)
-            x = x.view(BF // num_frames, num_frames, hh * ww, C)  # (B, F, hh*ww, C): time axis = frames
-        else:
-            B, C, T, M = h.shape
-            x = self.proj_in(self.norm(h).permute(0, 2, 3, 1))  # (B, C, T', M') -> (B, T', M', C)
-        x, kv = self.condition(x, ctx, sec_h, sec_c)
-        # attention groups: video tokens within each frame (B*F, hh*ww, C); audio all tokens (B, T'*M', C)
-        x = x.flatten(0, 1) if self.video else x.flatten(1, 2)
-        x = x + self.attn(x)
-        x = x + self.cross(x, kv) if self.cross is not None else x
-        x = self.proj_out(x + self.ff(x))
-        if self.video:
-            return h + x.transpose(1, 2).reshape(h.shape)  # (B*F, hh*ww, C) -> (B*F, C, hh, ww)
-        return h + x.view(B, T, M, C).permute(0, 3, 1, 2)  # (B, T'*M', C) -> (B, C, T', M')
-
-
-class CMCPE(_Conditioner):
-    """Sec. 3.3.2 / Fig. 3b: the other modality's feature sequence, resampled by seconds onto this feature's time
-    axis and broadcast over its non-time axes, is ADDED like a positional encoding before the self-attention."""
-
-    def __init__(self, channels, context_channels, video, heads=8):
-        super().__init__(channels, video, heads)
-        self.proj_c = FeedForward(context_channels, channels)  # per time step (LN over channels, not over time)
-
-    def condition(self, x, ctx, sec_h, sec_c):  # x (B, T_h, S, C), ctx (B, L, Cc)
-        W = time_weights(x.shape[1], sec_h, ctx.shape[1], sec_c).to(x)  # (T_h, L)
-        pe = W @ self.proj_c(ctx)  # (B, T_h, C): context interpolated over time by seconds
-        return x + pe[:, :, None], None  # broadcast over the S = hh*ww positions / M' frequency bins
-
-
-class CrossAttentionConditioner(_Conditioner):
-    """Sec. 3.3.1 / Fig. 3a baseline (CoDi): ctx pooled over time to ONE vector, then cross-attention to it."""
-
-    def __init__(self, channels, context_channels, video, heads=8):
-        super().__init__(channels, video, heads)
-        self.cross = Attention(channels, heads, context_dim=context_channels)
-
-    def condition(self, x, ctx, sec_h, sec_c):  # x (B, T_h, S, C), ctx (B, L, Cc)
-        # One key: softmax over a single key is 1, so this "cross-attention" just adds to_out(to_v(c)), the SAME global
-        # vector, to every token: no temporally local information can reach the features (Sec. 3.3.1).
-        c = ctx.mean(1, keepdim=True)  # (B, 1, Cc)
-        return x, c.repeat_interleave(x.shape[1], 0) if self.video else c  # video: (B*F, 1, Cc), one per frame
+    def forward(self, x, x0_hat, emb):
+        """x, x0_hat: video (B, C, F, H, W) / audio (B, C, T, M); emb (B, D). -> (B, C_c, F, H/2, W/2) /
+        (B, C_c, T/2, M/2)."""
+        x = torch.cat([x, torch.zeros_like(x) if x0_hat is None else x0_hat], 1)  # Eq. (6) self-conditioning
+        if not self.video:
+            return self.out(self.res2(self.down(self.res1(self.conv_in(x), emb)), emb))
+        B, n = x.shape[0], x.shape[2]
+        frames = lambda z: z.transpose(1, 2).flatten(0, 1)  # (B, C, F, H, W) -> (B*F, C, H, W)
+        video = lambda z: z.unflatten(0, (B, n)).transpose(1, 2)  # (B*F, C, H, W) -> (B, C, F, H, W)
+        emb = emb.repeat_interleave(n, 0)  # (B*F, D)
+        h = self.attn1(video(self.res1(self.conv_in(frames(x)), emb)))
+        h = self.attn2(video(self.res2(self.down(frames(h)), emb)))
+        return video(self.out(frames(h)))

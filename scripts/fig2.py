@@ -30,18 +30,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 from base_models import load_base_models  # noqa: E402
 from data import build_dataset  # noqa: E402
-from model import audio_walk, video_walk  # noqa: E402
+from model import audio_forward, video_forward  # noqa: E402
 from timesteps import add_noise, alpha_bar_table, local_timesteps, to_eps  # noqa: E402
-
-
-def finish(walk):
-    """Run a U-Net walk of model.py to its end with no added module (the base model alone) -> its noise prediction."""
-    h = next(walk)
-    while True:
-        try:
-            h = walk.send(h)
-        except StopIteration as stop:
-            return stop.value
 
 
 @torch.no_grad()
@@ -50,8 +40,8 @@ def base_losses(bases, x0_v, x0_a, text_v, text_a, steps_v, steps_a, seed=0, bat
     1..1000 -> ({m: mean loss}, {n: mean loss}). x0_*: clean latents (N, ...); text_*: their captions' embeddings."""
     out = []
     for x0, text, steps, ac, walk, kind in (
-            (x0_v, text_v, steps_v, bases.alphas_cumprod_v, (video_walk, bases.video_unet), bases.prediction_type["v"]),
-            (x0_a, text_a, steps_a, bases.alphas_cumprod_a, (audio_walk, bases.audio_unet), bases.prediction_type["a"])):
+            (x0_v, text_v, steps_v, bases.alphas_cumprod_v, (video_forward, bases.video_unet), bases.prediction_type["v"]),
+            (x0_a, text_a, steps_a, bases.alphas_cumprod_a, (audio_forward, bases.audio_unet), bases.prediction_type["a"])):
         g = torch.Generator().manual_seed(seed)
         eps = torch.randn(x0.shape, generator=g).to(x0)  # one noise per clip, the same at every timestep
         table, losses = alpha_bar_table(ac), {}
@@ -60,7 +50,7 @@ def base_losses(bases, x0_v, x0_a, text_v, text_a, steps_v, steps_a, seed=0, bat
             for i in range(0, len(x0), batch):
                 x_t = add_noise(x0[i:i + batch], eps[i:i + batch], float(table[k]))  # Eq. (2)
                 t = torch.full((len(x_t),), k - 1, device=x0.device)  # paper timestep k -> diffusers index k - 1
-                pred = to_eps(finish(walk[0](walk[1], x_t, t, text[i:i + batch])), x_t, float(table[k]), kind)
+                pred = to_eps(walk[0](walk[1], x_t, t, text[i:i + batch]), x_t, float(table[k]), kind)  # base alone
                 per.append((pred.float() - eps[i:i + batch]).pow(2).flatten(1).mean(1))  # Eq. (10), per sample
             losses[k] = torch.cat(per).mean().item()
         out.append(losses)

@@ -1,11 +1,11 @@
-"""model.py: the lockstep joint forward against diffusers' own U-Net forwards, freezing (App. A.2), the cross-modal
+"""model.py: the joint forward against diffusers' own U-Net forwards, freezing (App. A.2), the cross-modal
 path, gradient checkpointing, and full-size parameter counts / shapes on the meta device."""
 import pytest
 import torch
 
 from model import build_model
 
-OFFICIAL_ADDED = 467.74e6  # official code's added modules (notes official_code.md §1.8); paper: "about 468M"
+OFFICIAL_ADDED = 467_744_079  # the released unet_svg (tests/data/official/manifest_full.json); paper: "about 468M"
 
 
 def inputs(base, frames=32, seed=0):
@@ -107,9 +107,7 @@ def test_full_size_counts_and_shapes_on_meta():
           f"trainable {trainable / 1e6:.2f}M (official ~921M)")
     assert n_v + n_a > 1.7e9  # App. A.2, with AudioLDM-m (notes diffusers.md §2)
     assert trainable == added + motion
-    # cmcpe.py leaves out the official second self-attention per CMC-PE block (4C^2+C each: 36.2M over the 8 blocks)
-    # and the video connector's temporal feed-forward / frame-shift blocks (~41M), hence ~391M instead of 467.74M.
-    assert 0.8 < added / OFFICIAL_ADDED < 1.1
+    assert added == OFFICIAL_ADDED  # key by key in test_official.py
 
     seen = []
     for blocks in (model.blocks_v, model.blocks_a):
@@ -120,7 +118,7 @@ def test_full_size_counts_and_shapes_on_meta():
     with torch.no_grad():
         eps_v, eps_a = model(x_v, x_a, t, t, torch.empty(1, 77, 768, device="meta"), torch.empty(1, 512, device="meta"))
     assert eps_v.shape == x_v.shape and eps_a.shape == x_a.shape
-    # insertion-point features, in call order (video, audio) x (down2, down3, up0, up1); notes diffusers.md §3.4 and
-    # official_code.md §1.3 (AudioLDM-m widths 576/960; 100 latent frames -> 13, 13, 25, 50)
-    assert seen[0::2] == [(32, 1280, 4, 4), (32, 1280, 4, 4), (32, 1280, 8, 8), (32, 1280, 16, 16)]
-    assert seen[1::2] == [(1, 576, 13, 2), (1, 960, 13, 2), (1, 960, 25, 4), (1, 576, 50, 8)]
+    # insertion-point features, in call order: the video U-Net's (down2, down3, up0, up1), then the audio U-Net's;
+    # notes diffusers.md §3.4 and official_code.md §1.3 (AudioLDM-m widths 576/960; 100 latent rows -> 13, 13, 25, 50)
+    assert seen[:4] == [(32, 1280, 4, 4), (32, 1280, 4, 4), (32, 1280, 8, 8), (32, 1280, 16, 16)]
+    assert seen[4:] == [(1, 576, 13, 2), (1, 960, 13, 2), (1, 960, 25, 4), (1, 576, 50, 8)]

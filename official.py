@@ -1,0 +1,177 @@
+"""The authors' released model (SonyResearch/SVG_baseline, commit e8ebd06) on our modules, as nanoGPT's
+GPT.from_pretrained("gpt2") loads GPT-2: its `unet_svg` config and parameter names, and its `pipe/` folder.
+
+cmcpe.py already uses the released names inside every module; only the containers differ:
+  connector_in_<video|audio>.<0|1>.<j>.0.[transformer_blocks.0.]X  <->  blocks_<v|a>.<k>.X   (k = 0..3: down2, down3,
+                                                                                               up0, up1; App. A.2)
+  connector_out_<video|audio>.<stage>...                            <->  connector_<v|a>.<conv_in|res1|attn1|down|...>
+`official_name` is the one direction; the other is read off a built model, so the two cannot disagree.
+Left out: the released config variants it never trained (other with_connector, channel_mult_connector,
+num_blocks_connector, connector_out_input "x_cur"): they are refused with one line.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PIPE_PARTS = ("unet_svg", "unet_v", "unet_a", "vae_v", "vae_a", "text_encoder_v", "text_encoder_a", "tokenizer_v",
+              "tokenizer_a", "vocoder")  # the subfolders of the released pipe/ (VideoAudioGenWithSVGPipeline)
+RELEASED = dict(with_connector=[False, False, True, True], channel_mult_connector=[2, 4], num_blocks_connector=[1, 1],
+                connector_out_input="x_pred")  # what our modules implement (config_greatesthits.json)
+IN_TYPE = {"additive": "cmcpe", "attn": "crossattn"}  # released connector_in_type -> our conditioner
+MODALITY = {"v": "video", "a": "audio"}
+BLOCK = ("0.2", "0.3", "1.0", "1.1")  # released (down|up list, block index) of POINTS
+INNER = ("attn_c", "attn_s", "attn1", "attn2", "ff", "norm1", "norm2", "norm3")  # released: inside transformer_blocks.0
+STAGE = {"conv_in": "0.0", "down": "2.0.op", "out": "4", "res1": "1.0", "res2": "3.0", "attn1": "1.0.1", "attn2": "3.0.1"}
+
+
+class OfficialFormatError(ValueError):
+    """A released file does not fit; str(e) is one line that the CLIs print as is (exit code 2)."""
+
+
+def as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def official_name(key):
+    """One of our added-module parameter names (JointModel.state_dict()) -> the released unet_svg key."""
+    kind, rest = key.split(".", 1)
+    m = kind[-1]
+    if kind.startswith("blocks_"):
+        k, name = rest.split(".", 1)
+        inner = "transformer_blocks.0." if name.split(".")[0] in INNER else ""
+        return f"connector_in_{MODALITY[m]}.{BLOCK[int(k)]}.0.{inner}{name}"
+    stage, name = rest.split(".", 1)
+    code = STAGE[stage] + (".0" if m == "v" and stage in ("res1", "res2") else "")  # video: [ResBlock, STA] lists
+    return f"connector_out_{MODALITY[m]}.{code}.{name}"
+
+
+def added_state(model):
+    """Our added modules' tensors under their released names."""
+    sd = model.state_dict()
+    return {official_name(k): sd[k] for k in sd if k.startswith(("blocks_", "connector_"))}
+
+
+def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
+    """Build cls (JointModel) from a released unet_svg config.json dict with time_align "index" (what it computes),
+    around the given U-Nets, and load the released state_dict strictly (float32 or fp16 tensors)."""
+    cv, ca = config.get("connector_video_config"), config.get("connector_audio_config")
+    if not isinstance(cv, dict) or not isinstance(ca, dict):
+        raise OfficialFormatError("unet_svg config.json has no connector_video_config / connector_audio_config")
+    for name, c in (("video", cv), ("audio", ca)):
+        for k, want in RELEASED.items():
+            if c.get(k, want) != want:
+                raise OfficialFormatError(f"unet_svg connector_{name}_config {k}={c[k]!r} is not supported (only {want!r})")
+    if cv.get("connector_in_type") not in IN_TYPE or ca.get("connector_in_type") != cv["connector_in_type"]:
+        raise OfficialFormatError(f"unet_svg connector_in_type must be 'additive' or 'attn' for both, got "
+                                  f"{cv.get('connector_in_type')!r} / {ca.get('connector_in_type')!r}")
+    head_dim = {}
+    for m, unet in (("video", video_unet), ("audio", audio_unet)):
+        base = config.get(f"unet_{m}_config", {})
+        for k in ("block_out_channels", "in_channels"):
+            have, want = as_list(unet.config[k]), as_list(base.get(k, unet.config[k]))
+            if want != have:
+                raise OfficialFormatError(f"unet_svg was built for a {m} U-Net with {k}={want}, the given one has {have}")
+        head_dim[m] = base.get("attention_head_dim", 8)  # released: read as the per-head width of the added blocks
+    if head_dim["video"] != head_dim["audio"]:
+        raise OfficialFormatError(f"unet_svg: attention_head_dim differs between the U-Nets ({head_dim})")
+    model = cls(video_unet, audio_unet, IN_TYPE[cv["connector_in_type"]], fps=config.get("_fps", fps),
+                context_channels=cv.get("connector_channel", 1280), head_dim=head_dim["video"],
+                time_align=config.get("_time_align", "index"))  # written by export_official for our own runs
+    load_official(model, state_dict)
+    return model
+
+
+def load_official(model, state_dict, where="unet_svg"):
+    """Copy released tensors into model; one line naming the first missing / unexpected / mis-shaped key."""
+    ours = {official_name(k): k for k in model.state_dict() if k.startswith(("blocks_", "connector_"))}
+    missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
+    if missing or unexpected:
+        raise OfficialFormatError(f"{where}: {len(missing)} missing keys (first: {missing[:1]}), {len(unexpected)} "
+                                  f"unexpected keys (first: {unexpected[:1]})")
+    own = model.state_dict()
+    for key, name in ours.items():
+        if tuple(state_dict[key].shape) != tuple(own[name].shape):
+            raise OfficialFormatError(f"{where}: {key} has shape {tuple(state_dict[key].shape)}, the model expects "
+                                      f"{tuple(own[name].shape)}")
+    with torch.no_grad():
+        for key, name in ours.items():
+            own[name].copy_(state_dict[key])  # casts fp16 -> our dtype
+
+
+def official_config(model):
+    """The unet_svg config.json that the released UNetModelSVG(**config) rebuilds our modules from."""
+    import diffusers
+    c = model.config
+    connector = dict(RELEASED, connector_channel=c["context_channels"],
+                     connector_in_type={v: k for k, v in IN_TYPE.items()}[c["conditioner"]])
+    bases = {}
+    for m, unet in (("video", model.video_unet), ("audio", model.audio_unet)):
+        base = {k: as_list(v) for k, v in unet.config.items()}
+        bases[f"unet_{m}_config"] = dict(base, attention_head_dim=c["head_dim"],  # released: read from here
+                                         time_embedding_dim=base.get("time_embedding_dim"))
+    return {"_class_name": "UNetModelSVG", "_diffusers_version": diffusers.__version__, "_time_align": c["time_align"],
+            "_fps": c["fps"], "connector_audio_config": connector, "connector_video_config": connector, **bases}
+
+
+def export_official(model, folder):
+    """Write our added modules as a released-format unet_svg/ folder (config.json + safetensors), atomically."""
+    os.makedirs(folder, exist_ok=True)
+    if model.config["time_align"] != "index":
+        print(f"note: {folder}: this model resamples by seconds; the official code resamples by index, so it will "
+              "compute a slightly different function there (ours reads '_time_align' back)")
+    for name, write in (("diffusion_pytorch_model.safetensors",
+                         lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in added_state(model).items()}, p)),
+                        ("config.json", lambda p: open(p, "w").write(json.dumps(official_config(model), indent=2)))):
+        write(os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
+def read_unet_svg(folder):
+    """-> (config dict, state_dict) of a unet_svg/ folder: .safetensors, or the training script's .bin (loaded
+    with weights_only=True: tensors only, never arbitrary pickled objects)."""
+    try:
+        config = json.load(open(os.path.join(folder, "config.json")))
+    except (OSError, ValueError) as e:
+        raise OfficialFormatError(f"{folder}/config.json: {type(e).__name__}: {e}") from None
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                sd = load_file(path) if name.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+            except Exception as e:  # damaged file, or a pickle that holds more than tensors
+                raise OfficialFormatError(f"{path}: cannot be read as tensors ({type(e).__name__})") from None
+            return config, sd
+    raise OfficialFormatError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+
+
+def is_pipe(path):
+    return path is not None and all(os.path.isdir(os.path.join(path, p)) for p in PIPE_PARTS)
+
+
+def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None):
+    """A released pipe/ folder -> (JointModel, BaseModels), everything from it: its unet_v carries the trained
+    motion modules (App. A.2), so it replaces the public adapter; scheduler_v/_a are read if present."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNetMotionModel
+    from transformers import ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer, SpeechT5HifiGan
+
+    from base_models import assemble
+    from model import JointModel
+    config, sd = read_unet_svg(os.path.join(folder, "unet_svg"))
+    kinds = dict(unet_v=UNetMotionModel, unet_a=UNet2DConditionModel, vae_v=AutoencoderKL, vae_a=AutoencoderKL,
+                 text_encoder_v=CLIPTextModel, text_encoder_a=ClapTextModelWithProjection, tokenizer_v=CLIPTokenizer,
+                 tokenizer_a=RobertaTokenizer, vocoder=SpeechT5HifiGan)
+    parts = {}
+    for name, cls in kinds.items():
+        try:
+            parts[name] = cls.from_pretrained(os.path.join(folder, name))
+        except (OSError, ValueError) as e:
+            raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__} ({type(e).__name__})") from None
+    schedulers = {m: DDIMScheduler.from_pretrained(os.path.join(folder, f"scheduler_{m}")).config
+                  for m in "va" if os.path.isdir(os.path.join(folder, f"scheduler_{m}"))}
+    bases = assemble(dict(video_unet=parts.pop("unet_v"), audio_unet=parts.pop("unet_a"), **parts), "pretrained",
+                     device, dtype, fps, video_size or 256, schedulers)  # 256x256 frames: Sec. 4.1.2
+    model = JointModel.from_official(bases.video_unet, bases.audio_unet, config, sd, fps=fps)
+    return model, bases

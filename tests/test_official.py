@@ -1,0 +1,148 @@
+"""The released model, against vectors produced by running the official code (SonyResearch/SVG_baseline e8ebd06) on a
+CPU with random weights (tests/data/official, see its README): every added module, the joint forward (sampling cases
+A, B and training cases C, D), the full-size key manifest, export/import round trip and released pipe/ folders."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from safetensors.torch import load_file, save_file
+
+import official
+from model import JointModel, build_model
+
+DATA = pathlib.Path(__file__).resolve().parent / "data" / "official"
+ROOT = DATA.parent.parent.parent
+ATOL = 1e-5  # the README of the vectors: outputs are O(1); kernel-order effects are ~2e-6
+
+
+def load_released():
+    """Tiny base U-Nets and the tiny released unet_svg, all with the official weights; the captured tensors."""
+    info, fwd, mods = json.load(open(DATA / "forward_tiny.json")), load_file(DATA / "forward_tiny.safetensors"), \
+        load_file(DATA / "modules_tiny.safetensors")
+    cfg = info["tiny_base_configs"]
+    video = UNetMotionModel.from_unet2d(UNet2DConditionModel(**cfg["unet_2d_for_video"]), MotionAdapter(**cfg["motion_adapter"]))
+    audio = UNet2DConditionModel(**cfg["unet_a"])
+    for unet, prefix in ((video, "unet_v."), (audio, "unet_a.")):
+        unet.load_state_dict({k[len(prefix):]: v.float() for k, v in fwd.items() if k.startswith(prefix)})
+        unet.eval()
+    sd = {k[len("state_dict."):]: v.float() for k, v in mods.items() if k.startswith("state_dict.")}
+    model = JointModel.from_official(video, audio, info["tiny_unet_svg_config_json"], sd).eval()
+    tensors = {k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in {**fwd, **mods}.items()}
+    return model, tensors, info
+
+
+@pytest.fixture(scope="module")
+def released():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the vectors were made: with 2 threads the base U-Nets' own sums reorder (1.5e-5)
+    yield load_released()
+    torch.set_num_threads(threads)
+
+
+def close(a, b):
+    return a.shape == b.shape and (a - b).abs().max().item() <= ATOL
+
+
+def test_every_cmcpe_block_matches(released):
+    model, t, _ = released
+    for m, blocks in (("video", model.blocks_v), ("audio", model.blocks_a)):
+        for k, code in enumerate(official.BLOCK):
+            p = f"A.connector_in_{m}.{code}"
+            x, ctx = t[f"{p}.in.x"], t[f"{p}.in.context"][..., 0]  # (B, C_c, T_c, 1) -> (B, C_c, T_c)
+            with torch.no_grad():
+                if m == "video":  # official layout (B, C, F, H, W); ours folds frames: (B*F, C, H, W)
+                    B, C, n, H, W = x.shape
+                    out = blocks[k](x.transpose(1, 2).reshape(B * n, C, H, W), ctx, None, None, n)
+                    out = out.view(B, n, C, H, W).transpose(1, 2)
+                else:
+                    out = blocks[k](x, ctx, None, None)
+                    T = x.shape[2]
+                    pe = blocks[k].attn_c.encoding(ctx, T)  # the context after proj_c, GroupNorm and interpolation
+                    gn = t[f"{p}.0.transformer_blocks.0.attn_c.norm.out"]
+                    assert close(pe, torch.nn.functional.interpolate(gn, size=T)), p
+            assert close(out, t[f"{p}.out"]), (p, (out - t[f"{p}.out"]).abs().max())
+
+
+def test_connectors_and_pooling_match(released):
+    model, t, _ = released
+    for m, conn in (("video", model.connector_v), ("audio", model.connector_a)):
+        p = f"A.connector_out_{m}"
+        x_con, emb = t[f"{p}.in.x_con"], t[f"{p}.in.emb"]
+        C = x_con.shape[1] // 2
+        with torch.no_grad():
+            z = conn(x_con[:, :C], x_con[:, C:], emb)
+            pooled = model.blocks_v[0].pool(z)
+        assert close(z, t[f"{p}.4.out"]), (m, (z - t[f"{p}.4.out"]).abs().max())
+        assert close(pooled, t[f"{p}.pooled"][..., 0])
+    with torch.no_grad():  # the connectors' time embedding is the frozen U-Net's own (call 1: of t_con = t here)
+        from model import time_embedding
+        assert close(time_embedding(model.video_unet, t["in.t_v"]), t["A.unet_v.time_embedding.call1.out"])
+        assert close(time_embedding(model.audio_unet, t["in.t_a"]), t["A.connector_out_audio.in.emb"])
+
+
+@pytest.mark.parametrize("case", ["A", "B", "C", "D"])
+def test_joint_forward_matches_official_cases(released, case):
+    model, t, _ = released
+    x_a = t["in.x_a"] if case in "AB" else t["in.x_a_trainpad"]
+    x0_v, x0_a = (t["in.x0hat_v"], t["in.x0hat_a"]) if case in "AC" else (None, None)
+    with torch.no_grad():
+        context = None
+        if case in "CD":  # training: the connectors read latents noised at t_con (C) or at t (D), not x_t
+            con_v, con_a = t["in.xtcon_v"], t["in.xtcon_a_trainpad"]
+            tc_v, tc_a = (t["in.tcon_v"], t["in.tcon_a"]) if case == "C" else (t["in.t_v"], t["in.t_a"])
+            context = model.contexts(con_v, con_a, tc_v, tc_a, x0_v, x0_a)
+        eps_v, eps_a = model(t["in.x_v"], x_a, t["in.t_v"], t["in.t_a"], t["in.context_v"], t["in.class_a"], x0_v,
+                             x0_a, context=context)
+    assert close(eps_v, t[f"{case}.out.video"]), (eps_v - t[f"{case}.out.video"]).abs().max()
+    assert close(eps_a, t[f"{case}.out.audio"]), (eps_a - t[f"{case}.out.audio"]).abs().max()
+    if case == "A":  # and the connectors matter: the single-modality outputs (case E) are far from it
+        assert (eps_a - t["E.audio_only.out"]).abs().max() > 0.1 and (eps_v - t["E.video_only.out"]).abs().max() > 0.1
+
+
+def test_full_size_manifest_maps_one_to_one():
+    manifest = json.load(open(DATA / "manifest_full.json"))
+    model, _ = build_model("full", device="meta", time_align="index")
+    ours = {official.official_name(k): tuple(v.shape) for k, v in model.state_dict().items()
+            if k.startswith(("blocks_", "connector_"))}
+    theirs = {e["key"]: tuple(e["shape"]) for e in manifest["state_dict"]}
+    assert len(ours) == len(theirs) == 354 and ours == theirs
+    total = sum(p.numel() for m in model.added_modules() for p in m.parameters())
+    assert total == manifest["param_counts"]["total"] == 467_744_079
+    xattn, _ = build_model("full", "crossattn", device="meta")
+    n = sum(p.numel() for m in xattn.added_modules() for p in m.parameters())
+    print(f"\nadded modules: CMC-PE {total:,} (official 467,744,079), cross-attention {n:,} (official 323.69 M)")
+    assert abs(n - 323.69e6) < 0.005e6
+
+
+def test_export_then_import_is_bit_exact(tmp_path, released):
+    model, t, info = released
+    official.export_official(model, tmp_path / "unet_svg")
+    config, sd = official.read_unet_svg(tmp_path / "unet_svg")
+    assert set(sd) == {k[len("state_dict."):] for k in t if k.startswith("state_dict.")}
+    again = JointModel.from_official(model.video_unet, model.audio_unet, config, sd)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.config == model.config
+    for k in ("connector_video_config", "connector_audio_config"):  # what the official constructor reads
+        assert config[k] == info["tiny_unet_svg_config_json"][k]
+
+
+def test_load_is_strict_with_one_line(released):
+    model, t, info = released
+    sd = {k[len("state_dict."):]: v for k, v in t.items() if k.startswith("state_dict.")}
+    cfg, (v, a) = info["tiny_unet_svg_config_json"], (model.video_unet, model.audio_unet)
+    key = "connector_out_video.4.2.weight"
+    for bad, what in (({k: w for k, w in sd.items() if k != key}, "1 missing keys"),
+                      ({**sd, "connector_out_video.9.weight": sd[key]}, "1 unexpected keys"),
+                      ({**sd, key: sd[key][:, :1]}, "has shape")):
+        with pytest.raises(official.OfficialFormatError, match=what) as e:
+            JointModel.from_official(v, a, cfg, bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(official.OfficialFormatError, match="num_blocks_connector"):
+        JointModel.from_official(v, a, dict(cfg, connector_video_config={**cfg["connector_video_config"],
+                                                                         "num_blocks_connector": [2, 2]}), sd)
