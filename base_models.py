@@ -15,9 +15,11 @@ Three sizes:
 Left out: fp16 weight variants, LoRA / DreamBooth checkpoints, IP-adapter, FreeInit/FreeNoise, sliced/tiled VAE.
 """
 import json
+import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import librosa
@@ -29,7 +31,12 @@ from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextC
                           RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from cli import BASES, hub_reachable
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
+# diffusers notes "modules that should be kept in float32: []" at every .to(dtype) of a model that has none
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32" not in record.getMessage())
 SR, N_FFT, HOP, N_MELS, SECONDS = 16000, 1024, 160, 64, 4.0  # AudioLDM's mel settings (HIFIGAN_16K_64)
 
 
@@ -48,13 +55,13 @@ def byte_tokenizers(max_length=77):
     b = list(bytes_to_unicode().values())
     vocabs = {"clip": b + [s + "</w>" for s in b] + ["<|startoftext|>", "<|endoftext|>"],
               "clap": ["<s>", "<pad>", "</s>", "<unk>"] + b + ["<mask>"]}
-    root = tempfile.mkdtemp(prefix="svg_tok_")
-    for name, vocab in vocabs.items():
-        os.makedirs(f"{root}/{name}")
-        Path(f"{root}/{name}/vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}))
-        Path(f"{root}/{name}/merges.txt").write_text("#version: 0.2\n")
-    return (CLIPTokenizer.from_pretrained(f"{root}/clip", model_max_length=max_length),
-            RobertaTokenizer.from_pretrained(f"{root}/clap", model_max_length=max_length))
+    with tempfile.TemporaryDirectory(prefix="svg_tok_") as root:  # read at load time, then removed
+        for name, vocab in vocabs.items():
+            os.makedirs(f"{root}/{name}")
+            Path(f"{root}/{name}/vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}))
+            Path(f"{root}/{name}/merges.txt").write_text("#version: 0.2\n")
+        return (CLIPTokenizer.from_pretrained(f"{root}/clip", model_max_length=max_length),
+                RobertaTokenizer.from_pretrained(f"{root}/clap", model_max_length=max_length))
 
 
 class PoolVideoAE(nn.Module):
@@ -172,24 +179,35 @@ def _full():
 
 
 def _pretrained(video_base, motion_adapter, audio_base):
-    try:
-        unet2d = UNet2DConditionModel.from_pretrained(video_base, subfolder="unet")
-        parts = dict(video_unet=UNetMotionModel.from_unet2d(unet2d, MotionAdapter.from_pretrained(motion_adapter)),
-                     vae_v=AutoencoderKL.from_pretrained(video_base, subfolder="vae"),
-                     text_encoder_v=CLIPTextModel.from_pretrained(video_base, subfolder="text_encoder"),
-                     tokenizer_v=CLIPTokenizer.from_pretrained(video_base, subfolder="tokenizer"),
-                     audio_unet=UNet2DConditionModel.from_pretrained(audio_base, subfolder="unet"),
-                     vae_a=AutoencoderKL.from_pretrained(audio_base, subfolder="vae"),
-                     text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder"),
-                     tokenizer_a=RobertaTokenizer.from_pretrained(audio_base, subfolder="tokenizer"),
-                     vocoder=SpeechT5HifiGan.from_pretrained(audio_base, subfolder="vocoder"))
-    except (OSError, ValueError) as e:  # hub/offline/missing-folder errors are OSError or ValueError subclasses
-        raise WeightsNotFound(
-            f"pretrained weights not available ({type(e).__name__}): need {video_base} (unet, vae, text_encoder, "
-            f"tokenizer), {motion_adapter} and {audio_base} (unet, vae, text_encoder, tokenizer, vocoder); download "
-            f"them from the Hugging Face hub (`hf download <id>`) or pass local folders with that layout"
-        ) from None
-    return parts
+    """The real base models by hub id or local folder: from the local cache first (no network); downloaded only
+    when the hub answers, so that offline the error comes at once, without the hub client's retries."""
+    def load(local):
+        kw = dict(local_files_only=local)
+        d = dict(kw, low_cpu_mem_usage=False)  # diffusers: no "install accelerate" notice
+        unet2d = UNet2DConditionModel.from_pretrained(video_base, subfolder="unet", **d)
+        adapter = MotionAdapter.from_pretrained(motion_adapter, **d)
+        return dict(video_unet=UNetMotionModel.from_unet2d(unet2d, adapter),
+                    vae_v=AutoencoderKL.from_pretrained(video_base, subfolder="vae", **d),
+                    text_encoder_v=CLIPTextModel.from_pretrained(video_base, subfolder="text_encoder", **kw),
+                    tokenizer_v=CLIPTokenizer.from_pretrained(video_base, subfolder="tokenizer", **kw),
+                    audio_unet=UNet2DConditionModel.from_pretrained(audio_base, subfolder="unet", **d),
+                    vae_a=AutoencoderKL.from_pretrained(audio_base, subfolder="vae", **d),
+                    text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder", **kw),
+                    tokenizer_a=RobertaTokenizer.from_pretrained(audio_base, subfolder="tokenizer", **kw),
+                    vocoder=SpeechT5HifiGan.from_pretrained(audio_base, subfolder="vocoder", **kw))
+    ids = [i for i in (video_base, motion_adapter, audio_base) if not os.path.isdir(i)]
+    why = "not in the local cache and the hub is unreachable"
+    for local in (True, False):
+        if not local and not hub_reachable():
+            break
+        try:
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+                return load(local)
+        except (OSError, ValueError) as e:  # hub/offline/missing-folder errors are OSError or ValueError subclasses
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if not local else why
+    raise WeightsNotFound(f"pretrained weights {why}; get them with " + ", ".join(f"`hf download {i}`" for i in ids) +
+                          " (or pass local folders: --video-base, --motion-adapter, --audio-base)")
 
 
 class BaseModels(nn.Module):
@@ -259,21 +277,23 @@ class BaseModels(nn.Module):
         x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # as VaeImageProcessor -> numpy uint8
         return x.reshape(B, n, *x.shape[1:]).permute(0, 1, 3, 4, 2)  # (B, F, H, W, 3)
 
+    @staticmethod
+    def audio_rows(seconds):
+        """Audio latent rows for `seconds` of sound: the VAE keeps one row per 4 mel frames of 10 ms (100 for 4 s)."""
+        return round(seconds * SR / HOP / 4)
+
     @torch.no_grad()
-    def decode_audio(self, x_a):
-        """x_a (B, 8, 100, 16) -> VAE -> log-mel (B, 1, 400, 64) -> vocoder -> waveform float32 (B, 64000)."""
-        mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 400, 64) time-major, as the vocoder wants
-        wave = self.vocoder(mel).float()  # HiFi-GAN gives 64032 samples (transposed-conv padding), GL 63840
-        n = int(SECONDS * SR)
+    def decode_audio(self, x_a, seconds=SECONDS):
+        """x_a (B, 8, rows, 16) -> VAE -> log-mel (B, 1, 4 rows, 64) -> vocoder -> waveform float32 (B, seconds*SR),
+        cut after decoding (rows past `seconds`, the released model's padding, are decoded and dropped)."""
+        mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 4 rows, 64) time-major, as the vocoder wants
+        wave = self.vocoder(mel).float()  # 4 s: HiFi-GAN gives 64032 samples (transposed-conv padding), GL 63840
+        n = round(seconds * SR)
         return F.pad(wave, (0, max(0, n - wave.shape[-1])))[:, :n]
 
 
-def load_base_models(size, device="cpu", dtype=torch.float32, fps=8,
-                     # SD-1.5; runwayml/stable-diffusion-v1-5 was taken off the hub in 2024, this is its mirror.
-                     # The official code uses SG161222/Realistic_Vision_V5.1_noVAE (an SD-1.5 fine-tune).
-                     video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2",
-                     audio_base="cvssp/audioldm-m-full"):
+def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=BASES["video_base"],
+                     motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"]):
     """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring)."""
     device = torch.device(device)
     if size == "pretrained":
@@ -293,5 +313,7 @@ def assemble(parts, size, device, dtype, fps, video_size, schedulers=None):
     """BaseModels from its parts, on device; weights in dtype except the Griffin-Lim vocoder (torch.stft: fp32)."""
     base = BaseModels(size, fps, video_size, schedulers=schedulers, **parts)
     for m in base.children():
-        m.to(device, torch.float32 if isinstance(m, GriffinLim) else dtype)
+        want = torch.float32 if isinstance(m, GriffinLim) else dtype
+        same = all(p.dtype == want for p in m.parameters())  # diffusers warns on every .to(dtype), even a no-op one
+        m.to(device) if same else m.to(device, want)
     return base.to(device)

@@ -14,7 +14,6 @@ Layout of the folder: shard_00000.safetensors, ... (video_mean, video_std (N, 4,
 captions, settings); index.json is written last, so its presence marks a complete cache. No pickles.
 Left out: caching augmented views (the paper uses none), random-start crops, compression.
 """
-import argparse
 import json
 import os
 
@@ -22,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+import cli
 
 KEYS = ("video_mean", "video_std", "mel_mean", "mel_std")  # per clip, as BaseModels.encode_video / encode_audio give
 
@@ -114,31 +115,32 @@ def cached_inputs(batch, captions, device):
 def main(argv=None):
     from data import build_dataset  # here, not at the top: CachedClips (used by train.py) needs no ffmpeg
     from base_models import load_base_models
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="greatesthits", choices=["greatesthits", "landscape", "vggsound", "synthetic"])
     p.add_argument("--root", default=None, help="folder of prepared clips (as train.py)")
     p.add_argument("--flist", default=None, help="official file list (as train.py)")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
-    p.add_argument("--video-base", default="stable-diffusion-v1-5/stable-diffusion-v1-5")  # as train.py
-    p.add_argument("--motion-adapter", default="guoyww/animatediff-motion-adapter-v1-5-2")  # as train.py
-    p.add_argument("--audio-base", default="cvssp/audioldm-m-full")  # as train.py
-    p.add_argument("--fps", type=int, default=None, help="8 for GreatestHits (4.1.2), 4 for Landscape/VGGSound (4.2.1)")
-    p.add_argument("--num-clips", type=int, default=None, help="synthetic: number of training clips")
+    cli.add_base_args(p)  # as train.py
+    p.add_argument("--fps", type=cli.number(int, 1), default=None, help="8 GreatestHits (4.1.2), 4 Landscape/VGGSound")
+    p.add_argument("--num-clips", type=cli.number(int, 1), default=None, help="synthetic: number of training clips")
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
-    p.add_argument("--shard-size", type=int, default=256, help="clips per safetensors file")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding clips")
+    p.add_argument("--batch-size", type=cli.number(int, 1), default=8, help="clips per encoder call")
+    p.add_argument("--shard-size", type=cli.number(int, 1), default=256, help="clips per safetensors file")
+    p.add_argument("--num-workers", type=cli.number(int, 0), default=0, help="DataLoader workers decoding clips")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="stored precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     fps = a.fps or (4 if a.data in ("landscape", "vggsound") else 8)  # train.py's default
-    try:
+    cli.writable_dir(a.out, "--out")
+    if a.size == "pretrained":
+        cli.check_weights(a.video_base, a.motion_adapter, a.audio_base)
+    try:  # the data first: a bad --root fails in seconds, not after minutes of loading weights
+        dataset = build_dataset(a.data, "train", root=a.root, flist=a.flist, fps=fps,
+                                size=64 if a.size == "tiny" else 256, num_clips=a.num_clips)
         bases = load_base_models(a.size, device=a.device, fps=fps, video_base=a.video_base,
                                  motion_adapter=a.motion_adapter, audio_base=a.audio_base)
-        dataset = build_dataset(a.data, "train", root=a.root, flist=a.flist, fps=fps, size=bases.video_size,
-                                num_clips=a.num_clips)
     except (RuntimeError, ValueError) as e:  # weights offline, missing data folder: one line
-        raise SystemExit(f"error: {e}")
+        cli.fail(str(e))
     info = encode_dataset(bases, dataset, a.out, a.batch_size, a.shard_size, a.num_workers, getattr(torch, a.dtype))
     print(f"cached {len(info['clips'])} clips ({len(info['captions'])} distinct captions incl. \"\") in {a.out}; "
           f"train with: python train.py --data {a.data} --size {a.size} --cache {a.out}")

@@ -3,22 +3,28 @@
 Every clip is 4 s: video at 8 fps (GreatestHits) or 4 fps (Landscape, VGGSound), 256x256 centre crop, in [-1, 1];
 audio 16 kHz mono, normalised as AudioLDM's dataset does, as a 400 x 64 AudioLDM log-mel. ffmpeg (the imageio-ffmpeg
 wheel's binary) cuts video and audio *by time*, so a clip always has exactly fps*4 frames and 64000 samples. The offline
-default is a procedural GreatestHits: an object hit by a stick, each hit heard exactly at its frame, the material
-setting the sound. Left out: random-start sampling, flips, LLaVA captioning, downloading the datasets and file lists.
+default is the procedural GreatestHits of synthetic.py. Files are written through temporary files renamed into place.
+Left out: random-start sampling, flips, LLaVA captioning, downloading the datasets.
 """
-import argparse, csv, math, os, re, subprocess, tempfile
+import csv, os, re, subprocess, tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
+import librosa
 import numpy as np
+import scipy.io.wavfile
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from synthetic import synthetic_clip
+
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SR, HOP, N_FFT, N_MELS = 16000, 160, 1024, 64  # AudioLDM 16 kHz mel config (notes diffusers.md 4.1)
+VIDEO_EXT = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+TEST_SEED = 10 ** 6  # synthetic clips: train seeds 0.., held-out test seeds 10**6..
 
 
 # ---------------------------------------------------------------- AudioLDM features
@@ -28,19 +34,6 @@ def normalize_wav(wave):
     return 0.5 * wave / (abs(wave).max() + 1e-8)
 
 
-def mel_filters(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=8000.0):
-    """Slaney-style mel filterbank (n_mels, n_fft//2+1), area-normalised: what librosa.filters.mel gives by default."""
-    def hz2mel(f):  # linear below 1 kHz, logarithmic above (Slaney's Auditory Toolbox)
-        return np.where(f < 1000, f * 3 / 200, 15 + np.log(np.maximum(f, 1e-10) / 1000) * 27 / np.log(6.4))
-    def mel2hz(m):
-        return np.where(m < 15, m * 200 / 3, 1000 * np.exp((m - 15) * np.log(6.4) / 27))
-    edges = mel2hz(np.linspace(hz2mel(fmin), hz2mel(fmax), n_mels + 2))  # (n_mels+2,) band edges in Hz
-    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    rise = (freqs[None] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
-    fall = (edges[2:, None] - freqs[None]) / (edges[2:] - edges[1:-1])[:, None]
-    return np.maximum(0, np.minimum(rise, fall)) * (2 / (edges[2:] - edges[:-2]))[:, None]
-
-
 def log_mel(wave):
     """AudioLDM log-mel (N,) 16 kHz -> (N // 160, 64), i.e. (400, 64) for 4 s: HiFi-GAN framing (reflect pad
     (n_fft - hop) / 2, no centring), Hann 1024, magnitude, slaney mel 0-8 kHz, natural log clamped at 1e-5."""
@@ -48,7 +41,8 @@ def log_mel(wave):
     pad = (N_FFT - HOP) // 2  # 432 each side: exactly N / hop frames, the vocoder's framing
     wave = torch.nn.functional.pad(wave[None, None], (pad, pad), mode="reflect")[0, 0]
     spec = torch.stft(wave, N_FFT, HOP, N_FFT, torch.hann_window(N_FFT), center=False, return_complex=True).abs()
-    mel = torch.from_numpy(mel_filters()).float() @ spec  # (64, 513) @ (513, T) -> (64, T)
+    fb = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=0, fmax=8000)  # slaney scale and norm
+    mel = torch.from_numpy(fb).float() @ spec  # (64, 513) @ (513, T) -> (64, T)
     return mel.clamp(min=1e-5).log().T  # (T, 64): time first, as AudioLDM's VAE expects
 
 
@@ -94,79 +88,41 @@ def read_clip(path, fps, sr=SR, seconds=4.0, size=None, start=0.0, max_pad=0.3):
     return frames, np.pad(audio, (0, max(0, n_a - len(audio))))[:n_a].copy()
 
 
+def _atomic(path, write):
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader never sees half a file,
+    and a file or symlink already at `path` is replaced, never written through."""
+    path = os.path.abspath(path)  # also keeps a name starting with "-" from reaching ffmpeg as an option
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_wav(path, audio, sr=SR):
+    """float32 wav, as the official scripts write it (scipy: unlike libsndfile, no time-stamped PEAK chunk, so the
+    same audio gives the same bytes)."""
+    _atomic(path, lambda tmp: scipy.io.wavfile.write(tmp, sr, np.asarray(audio, np.float32)))
+
+
 def write_mp4(path, frames, fps, audio, sr=SR):
     """H.264 yuv420p + AAC mono at `sr`, an mp4 that browsers play (faststart). frames uint8 (F, H, W, 3), H, W even."""
     frames = np.ascontiguousarray(frames, np.uint8)
-    with tempfile.NamedTemporaryFile(suffix=".wav") as wav:  # audio goes in as a float wav, stdin carries the frames
-        sf.write(wav.name, np.asarray(audio, np.float32), sr, subtype="FLOAT")
-        rc, _, err = _ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
-                              f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav.name,
-                              "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p",
-                              "-c:a", "aac", "-b:a", "128k", "-ar", str(sr), "-ac", "1", "-movflags", "+faststart",
-                              "-shortest", str(path)], stdin=frames.tobytes())
-    if rc:
-        raise RuntimeError(f"ffmpeg could not write {path}: {err.strip()[-300:]}")
 
-
-# ---------------------------------------------------------------- synthetic sounding videos
-COLOURS = dict(red=(215, 45, 40), green=(50, 170, 60), blue=(45, 85, 215), yellow=(235, 205, 40), white=(235, 235, 230))
-SHAPES = ("box", "ball", "bowl")
-# material -> (f0 range Hz, partial ratios, decays s, click): wood low, short; metal ringing; glass high; plastic dull
-MATERIALS = dict(wooden=((150, 350), (1, 2.76, 5.4), (0.08, 0.04, 0.02), 0.5),
-                 metal=((500, 1100), (1, 2.76, 5.4, 8.93), (0.9, 0.6, 0.35, 0.2), 0.2),
-                 glass=((1800, 3000), (1, 2.32, 4.25), (0.4, 0.25, 0.12), 0.1),
-                 plastic=((250, 500), (1, 1.6, 2.3), (0.025, 0.015, 0.01), 0.8))
-# stick lowering in pixels (at 64x64; 14 = on the object) at frames k-3 .. k+3 around a hit at frame k: accelerating
-# down, slower back up, so the frame-to-frame motion (AV-Align's optical flow) peaks strictly at k even for hits 4
-# frames apart; steps stay <= 8 px, which Farneback tracks at this size (it collapses on jumps of 10 px or more)
-STROKE = (1, 3, 6, 14, 9, 5, 2)
-
-
-def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
-    """A seeded sounding video: a <colour> <material> <shape> hit by a stick; a hit at frame k sounds at k / fps."""
-    rng = np.random.default_rng(seed)
-    colour, shape, material = (rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(MATERIALS)))
-    n_f, n_a, s = round(fps * seconds), round(sr * seconds), size
-    n, gap = int(rng.integers(2, 6)), max(1, math.ceil(0.5 * fps))  # 2-5 hits, >= 0.5 s apart, at frames 2..F-2
-    slots = np.sort(rng.choice(n_f - 3 - (n - 1) * (gap - 1), n, replace=False))  # (flow can't peak at 0, 1, F-1)
-    hits = [int(slot + i * (gap - 1) + 2) for i, slot in enumerate(slots)]
-    # --- picture: background, table, object (material shows as texture), stick lowered by `low[f]`
-    y, x = np.mgrid[0:s, 0:s] / s  # (H, W) coordinates in [0, 1)
-    img = np.ones((s, s, 3)) * rng.uniform(150, 220, 3)  # light wall: the dark stick must stand out in grey levels
-    img[y > 0.8] = rng.uniform(60, 120, 3)  # table top
-    cx, r = 0.5 + rng.uniform(-0.12, 0.12), rng.uniform(0.18, 0.26)  # large: the tiny latent is only 8x8
-    top = 0.8 - dict(box=r, ball=1.5 * r, bowl=r)[shape]
-    mask = dict(box=(abs(x - cx) < r) & (y > top) & (y <= 0.8), ball=(x - cx) ** 2 + (y - 0.8 + 0.75 * r) ** 2 < (
-        0.75 * r) ** 2, bowl=((x - cx) ** 2 + (y - top) ** 2 < r * r) & (y > top))[shape]
-    shade = dict(wooden=0.85 + 0.15 * np.sin(40 * y + 6 * x) ** 2, metal=0.6 + 0.6 * (x - cx + r) / (2 * r),
-                 glass=0.7 + 0.3 * ((x - cx) ** 2 + (y - top) ** 2 < (r / 3) ** 2), plastic=np.ones_like(x))[material]
-    img[mask] = np.array(COLOURS[colour]) * shade[mask, None]
-    img += rng.uniform(-30, 30, (s, s, 1))  # grain: Farneback flow of flat areas turns to noise after H.264
-    low = np.zeros(n_f + 6)  # low[f + 3] belongs to frame f
-    for k in hits:
-        low[k: k + 7] = np.maximum(low[k: k + 7], STROKE)
-    frames = np.repeat(np.clip(img, 0, 255)[None].astype(np.uint8), n_f, 0)  # (F, H, W, 3)
-    grain, x0 = rng.uniform(-30, 30, (s + s // 8, s, 1)), int(round(cx * s))  # the stick's grain moves with it
-    hw, head_w, head_h = max(1, s // 16), s // 3, max(2, s // 8)
-    for f in range(n_f):
-        bottom = int(round((top - (14 - low[f + 3]) / 64) * s))  # head's lower edge, 14/64 above the object at rest
-        handle, head = grain[s - bottom + head_h: s, : 2 * hw], grain[s: s + head_h, : head_w // 2 * 2]
-        frames[f, : bottom - head_h, x0 - hw: x0 + hw] = np.clip(handle + (95, 60, 30), 0, 255)  # dark brown
-        frames[f, bottom - head_h: bottom, x0 - head_w // 2: x0 + head_w // 2] = np.clip(head + (45, 45, 50), 0, 255)
-    # --- sound: per hit an onset noise burst plus modal decaying sinusoids starting exactly at k / fps
-    (f_lo, f_hi), ratios, decays, click = MATERIALS[material]
-    f0, audio = rng.uniform(f_lo, f_hi), np.zeros(n_a)
-    for k in hits:
-        s0 = round(k / fps * sr)
-        t = np.arange(n_a - s0, dtype=np.float32) / sr  # float32: twice as fast, plenty for audio
-        jit = rng.uniform(0.97, 1.03, len(ratios)).astype(np.float32)
-        modes = sum(np.exp(-t / d) * np.sin(2 * np.pi * f0 * q * j * t) / (1 + i) for i, (q, d, j)
-                    in enumerate(zip(ratios, decays, jit)) if f0 * q * j < 0.45 * sr)  # no partial above Nyquist
-        burst = click * rng.standard_normal(len(t), np.float32) * np.exp(-t / 0.004)
-        audio[s0:] += rng.uniform(0.6, 1.0) * (modes + burst)
-    audio = (0.8 * audio / np.abs(audio).max()).astype(np.float32)
-    caption = f"A person is hitting a {colour} {material} {shape} with a stick."
-    return dict(frames=frames, audio=audio, caption=caption, hit_times=[k / fps for k in hits])
+    def write(tmp):
+        with tempfile.NamedTemporaryFile(suffix=".wav") as wav:  # audio goes in as a float wav, stdin the frames
+            sf.write(wav.name, np.asarray(audio, np.float32), sr, subtype="FLOAT")
+            rc, _, err = _ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+                                  f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav.name,
+                                  "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p",
+                                  "-c:a", "aac", "-b:a", "128k", "-ar", str(sr), "-ac", "1", "-movflags", "+faststart",
+                                  "-shortest", "-f", "mp4", tmp], stdin=frames.tobytes())
+        if rc:
+            raise RuntimeError(f"ffmpeg could not write {path}: {err.strip()[-300:]}")
+    _atomic(path, write)
 
 
 # ---------------------------------------------------------------- datasets
@@ -210,13 +166,41 @@ def _check(clips, fps, size, label, skipped):
 def _videos(root):
     """Every video file under root by stem (the name without extension)."""
     return {os.path.splitext(f)[0]: os.path.join(d, f) for d, _, files in os.walk(root) for f in sorted(files)
-            if f.lower().endswith((".mp4", ".avi", ".mkv", ".mov", ".webm"))}
+            if f.lower().endswith(VIDEO_EXT)}
 
 
-def read_flist(path):
-    """Official GreatestHits file list: `<clip path>,"<caption>"` per line -> [(clip stem, caption)]."""
-    with open(path, newline="") as f:  # csv: captions are quoted when they hold commas; unquoted ones are re-joined
-        return [(os.path.splitext(os.path.basename(r[0]))[0], ",".join(r[1:]).strip()) for r in csv.reader(f) if r]
+def read_captions(path, clips=True):
+    """The one parser of caption lists; errors name the file and line. A line is one of
+        <clip path>,"<caption>"   the official GreatestHits lists (CSV quoting: "" inside the quotes is one ")
+        <clip path>,<caption>     unquoted: the caption is the rest of the line, commas included
+        <caption> / "<caption>"   a bare caption, only where clips=False (sample.py --captions)
+    A line starts with a clip path when its first field ends in a video extension; blank lines are skipped.
+    -> [(clip stem, or None for a bare caption, caption)]."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    rows = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{n}: not UTF-8 text") from None
+        if not line:
+            continue
+        m = re.match(r'([^,"]*?(?:%s))\s*(?:,\s*(.*))?$' % "|".join(map(re.escape, VIDEO_EXT)), line, re.I)
+        clip, text = (m[1], m[2]) if m else (None, line)
+        if clips and clip is None:
+            raise ValueError(f"{path}:{n}: no clip path (expected <clip>.mp4,\"<caption>\")")
+        if text is None or text == "":
+            raise ValueError(f"{path}:{n}: no caption after the clip path")
+        if text.startswith('"'):
+            inner = text[1:-1]
+            if len(text) < 2 or not text.endswith('"') or '"' in inner.replace('""', ""):
+                raise ValueError(f"{path}:{n}: unbalanced quotes in the caption")
+            text = inner.replace('""', '"')
+        rows.append((os.path.splitext(os.path.basename(clip))[0] if clip else None, text.strip()))
+    return rows
 
 
 def build_dataset(name, split, root=None, flist=None, fps=None, size=None, num_clips=None, id_filter=None):
@@ -230,7 +214,7 @@ def build_dataset(name, split, root=None, flist=None, fps=None, size=None, num_c
     if name not in ("synthetic", "greatesthits", "landscape", "vggsound"):
         raise ValueError(f"unknown dataset {name!r}: synthetic | greatesthits | landscape | vggsound")
     if name == "synthetic":  # offline default, 64x64 at 8 fps (Sec. 4.1.2 rate); test seeds offset: disjoint splits
-        offset, n = (0, num_clips or 2048) if split == "train" else (10 ** 6, num_clips or 64)
+        offset, n = (0, num_clips or 2048) if split == "train" else (TEST_SEED, num_clips or 64)
         return Clips(range(offset, offset + n), fps or 8, size or 64)
     fps, size = fps or (8 if name == "greatesthits" else 4), size or 256  # Sec. 4.1.2 / 4.2.1
     if root is None or not os.path.isdir(root):
@@ -241,7 +225,7 @@ def build_dataset(name, split, root=None, flist=None, fps=None, size=None, num_c
         raise ValueError(f"{name} needs --flist, the official file list / CSV (not found: {listing})")
     videos = _videos(root)
     if name == "greatesthits":
-        wanted = read_flist(listing)
+        wanted = read_captions(listing)
     else:  # landscape, vggsound
         with open(listing, newline="") as f:
             rows = [r for r in csv.reader(f) if len(r) >= 4 and r[1].strip().isdigit() and r[3].strip() == split]
@@ -285,15 +269,27 @@ def prepare(src, out, fps=8, size=256, seconds=4.0, workers=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    import cli
+    p = cli.Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="cut raw GreatestHits videos (vis-data-256/*_denoised_thumb.mp4) into clips")
     q.add_argument("--src", required=True, help="folder of raw videos (searched recursively)")
     q.add_argument("--out", required=True, help="folder for the 4 s clips, named <video>-<index:03d>.mp4")
-    q.add_argument("--fps", type=float, default=8, help="8 fps: Sec. 4.1.2")
-    q.add_argument("--size", type=int, default=256, help="256x256 centre crop: Sec. 4.1.2")
-    q.add_argument("--workers", type=int, default=None, help="parallel ffmpeg jobs (default: CPU count)")
+    q.add_argument("--fps", type=cli.number(float, 0, lo_open=True), default=8, help="8 fps: Sec. 4.1.2")
+    q.add_argument("--size", type=cli.number(int, 16), default=256, help="256x256 centre crop: Sec. 4.1.2")
+    q.add_argument("--workers", type=cli.number(int, 1), default=None, help="parallel ffmpeg jobs (default: CPUs)")
+    q = sub.add_parser("synthetic", help="write synthetic clips (held-out split) as a reference folder")
+    q.add_argument("--out", required=True, help="folder for <name>.mp4, <name>.wav and captions.txt")
+    q.add_argument("--num", type=cli.number(int, 1), default=64, help="number of clips (the test split has 64)")
+    q.add_argument("--split", default="test", choices=["test", "train"])
+    q.add_argument("--fps", type=cli.number(int, 1), default=8, help="8 fps: Sec. 4.1.2")
+    q.add_argument("--size", type=cli.number(int, 16), default=64, help="the tiny demo's 64x64")
     a = p.parse_args()
-    if not os.path.isdir(a.src):
-        p.error(f"--src {a.src} is not a folder")
-    prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
+    if a.cmd == "prepare":
+        cli.existing(a.src, "--src", "dir")
+        cli.writable_dir(a.out, "--out")
+        prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
+    else:
+        cli.writable_dir(a.out, "--out")
+        from synthetic import write_synthetic
+        write_synthetic(a.out, a.num, a.fps, a.size, a.split)

@@ -152,14 +152,17 @@ class JointModel(nn.Module):
         z_a = self._ckpt(self.connector_a, x_a, x0_a, time_embedding(self.audio_unet, t_a))
         return pool(z_v), pool(z_a)
 
-    def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None, context=None):
+    def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None, context=None, joint=True):
         """x_v (B, 4, F, h, w), x_a (B, 8, T, 16): noisy latents at local timesteps t_v = m(t) - 1, t_a = n(t) - 1
         (diffusers indices, (B,) or scalar); text_v (B, 77, D) CLIP states; text_a (B, D) normalised CLAP embedding;
-        x0_v, x0_a: self-conditioning estimates (Eq. (6)) or None; context: contexts() output, if already computed.
-        -> (eps_v, eps_a), shaped like x_v, x_a."""
+        x0_v, x0_a: self-conditioning estimates (Eq. (6)) or None; context: contexts() output, if already computed;
+        joint=False: the two base models alone. -> (eps_v, eps_a), shaped like x_v, x_a."""
         B, n, T = x_v.shape[0], x_v.shape[2], x_a.shape[2]
         t_v = torch.as_tensor(t_v, device=x_v.device).reshape(-1).expand(B)  # (B,)
         t_a = torch.as_tensor(t_a, device=x_a.device).reshape(-1).expand(B)
+        if not joint:
+            return (video_forward(self.video_unet, x_v, t_v, text_v, ckpt=self.gradient_checkpointing),
+                    audio_forward(self.audio_unet, x_a, t_a, text_a, ckpt=self.gradient_checkpointing))
         ctx_v, ctx_a = context if context is not None else self.contexts(x_v, x_a, t_v, t_a, x0_v, x0_a)
         sec_v, sec_a = 1 / self.config["fps"], self.config["sec_per_audio_latent"]  # seconds per frame / latent row
 

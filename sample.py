@@ -4,45 +4,50 @@ One global grid t = T, ..., 1 (T = 25, Sec. 4.1.2) drives both modalities; at ea
 (Eq. 8, knob gamma) set each base model's noise level, the joint model predicts (eps_v, eps_a) with classifier-free
 guidance per modality (7.5 video, 2.5 audio, Sec. 4.1.2), and each latent takes its own deterministic DDIM step
 (Eq. 5) from m(t) to m(t-1) and from n(t) to n(t-1). The connectors see the previous step's x0_hat (self-conditioning).
+The CLI writes <name>.mp4 (H.264 + AAC) + <name>.wav per clip, manifest.jsonl and index.html (a page that plays them).
 Left out: stochastic samplers (eta > 0) and other solvers (the paper: "any sampler" works).
 """
-import argparse
+import glob
+import html
 import json
+import math
 import os
 import re
-import sys
+import time
 
-import numpy as np
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from data import read_flist, write_mp4
+import cli
 from timesteps import alpha_bar_table, ddim_step, local_timesteps, to_eps
 
 
 @torch.no_grad()
 def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guidance_a=2.5, negative="", bar=True,
              amp=None, seconds=4):
-    """Algorithm 1 for a batch of prompts; sample i starts from noise seeded by seeds[i] (batch-size independent)."""
+    """Algorithm 1 for a batch of prompts; sample i starts from noise seeded by seeds[i] (batch-size independent).
+    -> (x_v (B, 4, F, h, w), x_a (B, 8, rows, 16)) clean latents of `seconds` s (rows may include the padding)."""
     dev, B, P = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type
     text_v, text_a = bases.encode_text(list(prompts))
     null_v, null_a = bases.encode_text([negative] * B)
-    F_, h = seconds * bases.fps, bases.video_size // 8  # 4-s clips (Sec. 4.1.2); both video autoencoders shrink 8x
+    F_, h = round(seconds * bases.fps), bases.video_size // 8  # 4-s clips (Sec. 4.1.2); both video autoencoders: 8x
+    k = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training, noise in it
+    rows = math.ceil(bases.audio_rows(seconds) / k) * k  # 100 latent rows (4 mel frames of 10 ms each) for 4 s
     noise = [torch.Generator().manual_seed(s) for s in seeds]
     x_v = torch.stack([torch.randn(4, F_, h, h, generator=g) for g in noise]).to(dev)  # x_{m(T)}, (B, 4, F, h, w)
-    x_a = torch.stack([torch.randn(8, 100, 16, generator=g) for g in noise]).to(dev)  # x_{n(T)}, (B, 8, T, 16)
+    x_a = torch.stack([torch.randn(8, rows, 16, generator=g) for g in noise]).to(dev)  # x_{n(T)}, (B, 8, rows, 16)
     ab_v, ab_a = alpha_bar_table(bases.alphas_cumprod_v), alpha_bar_table(bases.alphas_cumprod_a)
     T_v, T_a = len(ab_v) - 1, len(ab_a) - 1  # the base models' maximum timestep (1000)
     x0_v = x0_a = None  # self-conditioning input: zeros at the first step
-    two = lambda x: None if x is None else torch.cat([x, x])  # [uncond; cond] in one batch
+    two = lambda x: torch.cat([x, x])  # [uncond; cond] in one batch
     for t in tqdm(range(T, 0, -1), desc="Alg. 1", disable=not bar):  # Alg. 1
         m, n = local_timesteps(t, T, T_v, T_a, gamma)  # Eq. (8)
         m_prev, n_prev = local_timesteps(t - 1, T, T_v, T_a, gamma)  # Eq. (8)
-        tv, ta = torch.full((2 * B,), m - 1, device=dev), torch.full((2 * B,), n - 1, device=dev)  # diffusers index
+        tv, ta = torch.full((B,), m - 1, device=dev), torch.full((B,), n - 1, device=dev)  # diffusers indices
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            e_v, e_a = model(two(x_v), two(x_a), tv, ta, torch.cat([null_v, text_v]), torch.cat([null_a, text_a]),
-                             two(x0_v), two(x0_a))
+            ctx = model.contexts(x_v, x_a, tv, ta, x0_v, x0_a)  # no text in the connectors: once for both halves
+            e_v, e_a = model(two(x_v), two(x_a), two(tv), two(ta), torch.cat([null_v, text_v]),
+                             torch.cat([null_a, text_a]), context=tuple(map(two, ctx)))
         (u_v, c_v), (u_a, c_a) = e_v.float().chunk(2), e_a.float().chunk(2)
         eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, ab_v[m], P["v"])  # classifier-free guidance
         eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, ab_a[n], P["a"])  # (on v for the tiny U-Nets: linear)
@@ -52,81 +57,111 @@ def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guid
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p, pos = cli.Parser(description=__doc__.split("\n")[0]), cli.number(int, 1)
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--captions", default=None, help="file list <clip>,\"<caption>\" (the official format) or one per line")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)  # T = 25 (Sec. 4.1.2); the official scripts use 50
-    p.add_argument("--gamma", type=float, default=1.5)  # Sec. 3.2.2: "we set gamma to 1.5"
-    p.add_argument("--guidance-video", type=float, default=7.5)  # Sec. 4.1.2, AnimateDiff's default
-    p.add_argument("--guidance-audio", type=float, default=2.5)  # Sec. 4.1.2, AudioLDM's default
+    p.add_argument("--num-samples", type=pos, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=pos, default=4)
+    p.add_argument("--seed", type=cli.number(int, 0), default=0)
+    p.add_argument("--steps", type=pos, default=25)  # T = 25 (Sec. 4.1.2); the official scripts use 50
+    p.add_argument("--gamma", type=cli.number(float, 0, 100, lo_open=True), nargs="+", default=[1.5],
+                   help="Sec. 3.2.2: 1.5; several values generate the same seeds at each")
+    p.add_argument("--guidance-video", type=cli.number(float, 0, 100), default=7.5)  # Sec. 4.1.2, AnimateDiff's
+    p.add_argument("--guidance-audio", type=cli.number(float, 0, 100), default=2.5)  # Sec. 4.1.2, AudioLDM's
     p.add_argument("--negative-prompt", default="")  # paper: none; official: "bad quality, worse quality"
-    p.add_argument("--ckpt", default=None, help="run folder written by train.py")
+    p.add_argument("--seconds", type=cli.number(float, 0, 4, lo_open=True), default=4.0)  # 4-s clips (Sec. 4.1.2)
+    p.add_argument("--ckpt", default=None, help="run folder written by train.py, or a released pipe/ folder")
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of the EMA")
-    p.add_argument("--size", default=None, choices=["tiny", "full", "pretrained"], help="default: the checkpoint's")
-    p.add_argument("--conditioner", default=None, choices=["cmcpe", "crossattn"], help="default: the checkpoint's")
-    p.add_argument("--fps", type=int, default=None, help="default: the checkpoint's, else 8")
+    p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"], help="without --ckpt")
+    p.add_argument("--video-size", type=cli.number(int, 8), default=256, help="released pipe/: 256 (Sec. 4.1.2)")
     p.add_argument("--out", default="out")
+    p.add_argument("--overwrite", action="store_true", help="replace the clips of an earlier run in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    if args.gamma <= 0:
-        p.exit(2, f"error: --gamma must be > 0 (got {args.gamma})\n")
-    if args.steps < 1 or args.num_samples < 1 or args.batch_size < 1:
-        p.exit(2, "error: --steps, --num-samples and --batch-size must be >= 1\n")
     if args.captions:
-        if not os.path.isfile(args.captions):
-            p.exit(2, f"error: no captions file {args.captions}\n")
-        args.prompt += [c or s for s, c in read_flist(args.captions)]  # `<clip>,"<caption>"` lines (or bare captions)
+        from data import read_captions
+        try:
+            args.prompt += [c for _, c in read_captions(args.captions, clips=False)]
+        except ValueError as e:
+            cli.fail(str(e))
     if not args.prompt:
-        p.exit(2, "error: give --prompt TEXT (repeatable) or --captions FILE\n")
-    trained = {}
+        cli.fail("give --prompt TEXT (repeatable) or --captions FILE")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        cli.fail(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.ckpt:
-        cfg = os.path.join(args.ckpt, "joint", "config.json")
-        if not os.path.isfile(cfg):
-            p.exit(2, f"error: no checkpoint at {args.ckpt} (expected {cfg}, written by train.py)\n")
-        trained = json.load(open(cfg))
-    for k, default in (("size", "pretrained"), ("conditioner", "cmcpe"), ("fps", 8)):
-        if getattr(args, k) is None:
-            setattr(args, k, trained.get(k, default))
+        import checkpoint
+        from official import is_pipe
+        from pipeline import read_run_config
+        cli.existing(args.ckpt, "--ckpt", "dir")
+        try:
+            args.trained = {} if is_pipe(args.ckpt) else read_run_config(args.ckpt)
+        except checkpoint.CheckpointError as e:
+            cli.fail(str(e))
+    bases = args.trained if args.ckpt else dict(cli.BASES, size=args.size)
+    if bases and bases["size"] == "pretrained":
+        cli.check_weights(bases["video_base"], bases["motion_adapter"], bases["audio_base"])
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    cli.writable_dir(args.out, "--out")
+    old = os.path.join(args.out, "manifest.jsonl")
+    if (os.path.exists(old) or glob.glob(os.path.join(args.out, "*.mp4"))) and not args.overwrite:
+        cli.fail(f"{args.out} already holds clips of an earlier run; choose another --out or pass --overwrite")
     return args
+
+
+def write_index(out, rows):
+    """index.html: one row per clip, its video playing with its sound, then prompt, seed, gamma and checkpoint."""
+    cells = "".join(f'<tr><td><video controls preload="metadata" src="{html.escape(r["file"])}"></video></td>'
+                    f'<td>{html.escape(r["prompt"])}</td><td>{r["seed"]}</td><td>{r["gamma"]}</td>'
+                    f'<td>{html.escape(str(r["checkpoint"]))} {html.escape(json.dumps(r["trained_steps"]))}</td></tr>\n'
+                    for r in rows)
+    page = ('<!doctype html><meta charset="utf-8"><title>sounding videos</title><style>td{padding:4px 8px}'
+            'video{width:256px}</style><table><tr><th>clip</th><th>prompt</th><th>seed</th><th>gamma</th>'
+            f'<th>checkpoint (steps)</th></tr>\n{cells}</table>\n')
+    with open(os.path.join(out, ".index.tmp"), "w") as f:
+        f.write(page)
+    os.replace(os.path.join(out, ".index.tmp"), os.path.join(out, "index.html"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(json.dumps(vars(args), indent=1))
-    from model import build_model  # after argument checks: bad input fails fast, before torch loads models
-    from train import load_weights
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "trained"}, indent=1))
+    from pipeline import SoundingVideoPipeline
+    runs = sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob("runs/*/joint/COMPLETE"))
+    hint = f" (a trained run is at {runs[0]}: --ckpt {runs[0]})" if runs and not args.ckpt else ""
+    if not args.ckpt:
+        print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio come from "
+              "the two base models independently" + hint)
     try:
-        model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps)
-    except RuntimeError as e:  # e.g. weights not available offline
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.ckpt:
-        if os.path.isfile(os.path.join(args.ckpt, "base", "ema.safetensors")):
-            load_weights(model, os.path.join(args.ckpt, "base"), ema=not args.no_ema)  # tiny: the trained base models
-        load_weights(model, os.path.join(args.ckpt, "joint"), ema=not args.no_ema)
-    else:
-        print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio are "
-              "generated by the two base models independently (no cross-modal alignment)")
-    model.eval()
-    os.makedirs(args.out, exist_ok=True)
-    jobs = [(p, i) for p in args.prompt for i in range(args.num_samples)]
-    for b in tqdm(range(0, len(jobs), args.batch_size), desc="batches"):
-        chunk = jobs[b: b + args.batch_size]
-        seeds = [args.seed * 1000003 + b + j for j in range(len(chunk))]  # one seed per sample, not per batch
-        x_v, x_a = generate(model, bases, [p for p, _ in chunk], seeds, args.steps, args.gamma,
-                            args.guidance_video, args.guidance_audio, args.negative_prompt, bar=len(jobs) == 1, amp=amp)
-        frames, wave = bases.decode_video(x_v), bases.decode_audio(x_a).float().cpu().numpy()
-        for j, (prompt, i) in enumerate(chunk):
-            name = f"{b + j:04d}_{re.sub(r'[^A-Za-z0-9]+', '-', prompt)[:60].strip('-')}_{i}"
-            sf.write(os.path.join(args.out, name + ".wav"), wave[j], bases.sr)
-            write_mp4(os.path.join(args.out, name + ".mp4"), np.asarray(frames[j].cpu()), args.fps, wave[j], bases.sr)
-    print(f"wrote {len(jobs)} clips (.mp4 with sound + .wav) to {args.out}/")
+        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, ema=not args.no_ema, size=args.size,
+                                                     video_size=args.video_size)
+    except (RuntimeError, ValueError) as e:  # weights offline, a damaged or foreign checkpoint: one line
+        cli.fail(str(e) + hint)
+    manifest = os.path.join(args.out, "manifest.jsonl")
+    if os.path.exists(manifest):  # --overwrite: the earlier run's clips go, so the folder holds one run only
+        for row in map(json.loads, open(manifest)):
+            for f in (row.get("file"), row.get("wav")):
+                if f and os.path.lexists(os.path.join(args.out, os.path.basename(f))):
+                    os.remove(os.path.join(args.out, os.path.basename(f)))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    rows = []
+    for gamma in tqdm(args.gamma, desc="gamma", disable=len(args.gamma) == 1):
+        res = pipe(args.prompt, args.negative_prompt, args.steps, gamma, args.guidance_video, args.guidance_audio,
+                   generator=args.seed, num_samples=args.num_samples, seconds=args.seconds, batch_size=args.batch_size,
+                   amp=amp)
+        names = [f"{k:04d}_{re.sub(r'[^A-Za-z0-9]+', '-', p)[:60].strip('-')}_g{gamma:g}"
+                 for k, p in enumerate(res["prompts"])]
+        pipe.save(args.out, res, names)
+        rows += [dict(file=n + ".mp4", wav=n + ".wav", prompt=p, seed=s, gamma=gamma, steps=args.steps,
+                      guidance_video=args.guidance_video, guidance_audio=args.guidance_audio,
+                      negative_prompt=args.negative_prompt, seconds=args.seconds, checkpoint=pipe.source["checkpoint"],
+                      kind=pipe.source["kind"], trained_steps=pipe.source.get("steps"), ema=not args.no_ema,
+                      created=time.strftime("%Y-%m-%dT%H:%M:%S")) for n, p, s in zip(names, res["prompts"], res["seeds"])]
+        with open(manifest + ".tmp", "w") as f:  # after every gamma: what is on disk is always listed
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(manifest + ".tmp", manifest)
+        write_index(args.out, rows)
+    print(f"wrote {len(rows)} clips (.mp4 with sound + .wav), manifest.jsonl and index.html to {args.out}/")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
+import cli  # noqa: E402
 from base_models import load_base_models  # noqa: E402
 from data import build_dataset  # noqa: E402
 from model import audio_forward, video_forward  # noqa: E402
@@ -118,9 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--size", default="tiny", choices=["tiny", "full", "pretrained"])
     p.add_argument("--ckpt", default=None, help="tiny/full: a run folder whose base/ema.safetensors holds the trained "
                                                 "base U-Nets (train.py stage 'base'); without it they are random")
-    p.add_argument("--video-base", default="stable-diffusion-v1-5/stable-diffusion-v1-5")  # as train.py
-    p.add_argument("--motion-adapter", default="guoyww/animatediff-motion-adapter-v1-5-2")  # as train.py
-    p.add_argument("--audio-base", default="cvssp/audioldm-m-full")  # as train.py
+    cli.add_base_args(p)  # as train.py
     p.add_argument("--data", default="synthetic", choices=["synthetic", "greatesthits", "landscape", "vggsound"])
     p.add_argument("--root", default=None, help="folder of prepared clips (as train.py)")
     p.add_argument("--flist", default=None, help="file list (as train.py)")
@@ -152,10 +151,13 @@ def main(argv=None):
     except (RuntimeError, ValueError) as e:  # weights offline, missing data: one line
         sys.exit(f"error: {e}")
     if a.ckpt:  # the trained base U-Nets, by their names in the joint model ("video_unet.*", "audio_unet.*")
-        from train import load_weights
+        import checkpoint
         holder = torch.nn.Module()
         holder.video_unet, holder.audio_unet = bases.video_unet, bases.audio_unet
-        load_weights(holder, os.path.join(a.ckpt, "base"), ema=True)
+        folder, _ = checkpoint.latest(a.ckpt, "base")
+        if folder is None:
+            sys.exit(f"error: no complete base checkpoint in {a.ckpt}")
+        checkpoint.load_weights(holder, folder, dict(holder.named_parameters()), ema=True)
     elif a.size != "pretrained":
         print("note: no --ckpt: the base U-Nets are random, so the curves say nothing about the paper's claim")
     g = torch.Generator().manual_seed(a.seed + 1)

@@ -29,9 +29,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
+import checkpoint  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
-from data import build_dataset, log_mel, normalize_wav, synthetic_clip, write_mp4  # noqa: E402
+from data import build_dataset, log_mel, normalize_wav, write_mp4  # noqa: E402
+from synthetic import synthetic_clip  # noqa: E402
 from model import build_model  # noqa: E402
 from sample import generate  # noqa: E402
 
@@ -105,14 +107,14 @@ def train_runs(a, out, log):
                 os.symlink(os.path.relpath(base / "base", run), run / "base")  # the SAME frozen base models
             t0 = time.time()
             train.main(common + ["--out", str(run), "--conditioner", cond, "--seed", str(seed), "--max-steps",
-                                 str(a.joint_steps), "--resume"])  # resume: base stage done, joint from its step
+                                 str(a.joint_steps), "--resume", "--allow-changed-args"])  # shared base stage
             add_time(out, log, f"train_{cond}-s{seed}_s", t0)
         yield seed  # this seed's models are ready: evaluate them before training the next seed
 
 
 def steps_done(stage):
-    """Steps a stage folder of train.py holds (0 if none)."""
-    return json.load(open(stage / "config.json"))["step"] if (stage / "config.json").exists() else 0
+    """Steps of the newest complete checkpoint of a stage folder of train.py (0 if none)."""
+    return checkpoint.latest(stage.parent, stage.name)[1] or 0
 
 
 def add_time(out, log, key, t0):
@@ -165,9 +167,9 @@ def synthesize(model, bases, prompts, seeds, gamma, a):
 
 def load(a, out, conditioner, run=None):
     model, bases = build_model("tiny", conditioner, device=a.device)
-    train.load_weights(model, out / "runs" / "base-only" / "base", ema=True)  # the frozen, trained base models
-    if run is not None:
-        train.load_weights(model, out / "runs" / run / "joint", ema=True)  # added modules + motion modules
+    folders = [("base", out / "runs" / "base-only")] + ([("joint", out / "runs" / run)] if run is not None else [])
+    for stage, folder in folders:  # the frozen, trained base models; then the added modules + motion modules
+        checkpoint.load_weights(model, checkpoint.latest(folder, stage)[0], train.stage_params(model, stage))
     return model.eval(), bases
 
 

@@ -10,8 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets")  # /work/shared
+LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "datasets")  # the official lists, in the repo
 
 
 def lavfi_clip(path, seconds, size="320x240", rate=30, sr=48000, channels=2, audio=True):
@@ -27,7 +28,7 @@ def lavfi_clip(path, seconds, size="320x240", rate=30, sr=48000, channels=2, aud
 def clips(tmp_path_factory):
     """A small library of good and bad files, written once for the module."""
     d = tmp_path_factory.mktemp("clips")
-    c = data.synthetic_clip(3)
+    c = synthetic.synthetic_clip(3)
     data.write_mp4(d / "good-000.mp4", c["frames"], 8, c["audio"])
     lavfi_clip(d / "stereo48k30fps-000.mp4", 5)  # stereo, 48 kHz, 30 fps, 320x240: resampled, kept
     lavfi_clip(d / "noaudio-000.mp4", 5, audio=False)
@@ -39,7 +40,7 @@ def clips(tmp_path_factory):
 
 # ---------------------------------------------------------------- features
 def test_log_mel_matches_librosa():
-    wave = data.normalize_wav(data.synthetic_clip(1)["audio"] + 0.01 * np.random.default_rng(0).standard_normal(64000))
+    wave = data.normalize_wav(synthetic.synthetic_clip(1)["audio"] + 0.01 * np.random.default_rng(0).standard_normal(64000))
     ours = data.log_mel(wave).numpy()
     pad = (1024 - 160) // 2  # AudioLDM / HiFi-GAN framing, computed here with librosa's own STFT and filterbank
     spec = np.abs(librosa.stft(np.pad(wave, pad, mode="reflect"), n_fft=1024, hop_length=160, win_length=1024,
@@ -47,7 +48,6 @@ def test_log_mel_matches_librosa():
     mel = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=64, fmin=0, fmax=8000)  # slaney scale + norm by default
     ref = np.log(np.maximum(mel @ spec, 1e-5)).T
     assert ours.shape == ref.shape == (400, 64)
-    np.testing.assert_allclose(data.mel_filters(), mel, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(ours, ref, atol=2e-3)
     assert ours.min() >= np.log(1e-5) - 1e-6
 
@@ -60,15 +60,15 @@ def test_normalize_wav():
 
 # ---------------------------------------------------------------- synthetic clips
 def test_synthetic_clip_shapes_and_caption():
-    c = data.synthetic_clip(0)
+    c = synthetic.synthetic_clip(0)
     assert c["frames"].shape == (32, 64, 64, 3) and c["frames"].dtype == np.uint8
     assert c["audio"].shape == (64000,) and c["audio"].dtype == np.float32
     assert 2 <= len(c["hit_times"]) <= 5 and np.all(np.diff(c["hit_times"]) >= 0.5)
     assert all(abs(t * 8 - round(t * 8)) < 1e-9 for t in c["hit_times"])  # on the frame grid
     words = c["caption"].split()
-    assert c["caption"].startswith("A person is hitting") and {words[5], words[6].strip(".")} & set(data.MATERIALS)
-    assert data.synthetic_clip(5, size=32, fps=4)["frames"].shape == (16, 32, 32, 3)
-    np.testing.assert_array_equal(data.synthetic_clip(7)["audio"], data.synthetic_clip(7)["audio"])  # seeded
+    assert c["caption"].startswith("A person is hitting") and {words[5], words[6].strip(".")} & set(synthetic.MATERIALS)
+    assert synthetic.synthetic_clip(5, size=32, fps=4)["frames"].shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(synthetic.synthetic_clip(7)["audio"], synthetic.synthetic_clip(7)["audio"])  # seeded
     item = data.build_dataset("synthetic", "train", num_clips=4)[2]
     assert item["video"].shape == (3, 32, 64, 64) and item["mel"].shape == (1, 400, 64)
     assert item["video"].min() >= -1 and item["video"].max() <= 1 and item["name"] == "synth_0000002"
@@ -76,7 +76,7 @@ def test_synthetic_clip_shapes_and_caption():
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_synthetic_sound_starts_exactly_at_hits(seed):
-    c = data.synthetic_clip(seed)
+    c = synthetic.synthetic_clip(seed)
     a, hits = c["audio"], [round(t * 16000) for t in c["hit_times"]]
     assert np.all(a[: hits[0]] == 0)  # silence before the first hit
     win = 48  # 3 ms
@@ -93,7 +93,7 @@ def test_synthetic_sound_starts_exactly_at_hits(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_synthetic_motion_peaks_exactly_at_hits(seed):
     """Mean Farneback flow (AV-Align's video half) has its strict local maxima exactly at the hit frames."""
-    c = data.synthetic_clip(seed)
+    c = synthetic.synthetic_clip(seed)
     grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in c["frames"]]
     mag = [np.linalg.norm(cv2.calcOpticalFlowFarneback(p, q, None, 0.5, 3, 15, 3, 5, 1.2, 0), axis=-1).mean()
            for p, q in zip(grey[:-1], grey[1:])]
@@ -148,19 +148,56 @@ def test_read_clip_timing_from_30fps_source(tmp_path):
     assert abs(int(np.argmax(np.abs(a) > 0.3)) - 32000) <= 2
 
 
+def test_writers_replace_files_and_links_never_write_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name, write in (("a.wav", lambda p: data.write_wav(p, np.zeros(160))),
+                        ("a.mp4", lambda p: data.write_mp4(p, np.zeros((4, 16, 16, 3), np.uint8), 8, np.zeros(8000)))):
+        os.symlink(victim, tmp_path / name)
+        write(tmp_path / name)
+        assert victim.read_text() == "precious" and not (tmp_path / name).is_symlink()
+        assert (tmp_path / name).stat().st_size > 100
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "a.wav", "victim.txt"]  # no temporary file left
+
+
 # ---------------------------------------------------------------- file lists and datasets
-def test_flist_parses_quoted_and_unquoted(tmp_path):
+def test_caption_lists_parse_every_documented_form(tmp_path):
     p = tmp_path / "flist.txt"
     p.write_text('./src/va_core/dataset/greatesthits/x/a_denoised_thumb-003.mp4,"A person is hitting a, b."\n'
-                 "./src/va_core/dataset/greatesthits/x/b_denoised_thumb-010.mp4,A person is hitting c.\n")
-    assert data.read_flist(p) == [("a_denoised_thumb-003", "A person is hitting a, b."),
-                                  ("b_denoised_thumb-010", "A person is hitting c.")]
+                 "./src/va_core/dataset/greatesthits/x/b_denoised_thumb-010.mp4,A person is hitting c, d.\n\n"
+                 'c.MP4, "He said ""hit"" twice."\r\n')
+    assert data.read_captions(p) == [("a_denoised_thumb-003", "A person is hitting a, b."),
+                                     ("b_denoised_thumb-010", "A person is hitting c, d."),
+                                     ("c", 'He said "hit" twice.')]
+    p.write_text('A person is hitting a red, wooden box.\n"A quoted, bare caption"\n')  # bare: sample.py --captions
+    assert data.read_captions(p, clips=False) == [(None, "A person is hitting a red, wooden box."),
+                                                  (None, "A quoted, bare caption")]
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "greatesthits")), reason="official file lists not here")
+@pytest.mark.parametrize("text, why", [
+    ('a.mp4,"A person is hitting\nb.mp4,"a drum"\n', "unbalanced quotes"),  # an unclosed quote: no merged lines
+    ("a.mp4\nb.mp4\n", "no caption"),  # a list without a caption column
+    ("A person is hitting a box, loudly.\n", "no clip path"),  # a bare caption where a clip is needed
+    ('a.mp4,"A "quoted" word"\n', "unbalanced quotes")])
+def test_caption_lists_fail_with_file_and_line(tmp_path, text, why):
+    p = tmp_path / "flist.txt"
+    p.write_text("good.mp4,A person is hitting x.\n" + text)
+    with pytest.raises(ValueError, match=rf"flist.txt:2: {why}"):
+        data.read_captions(p)
+
+
+def test_caption_lists_non_utf8_and_long_lines(tmp_path):
+    p = tmp_path / "flist.txt"
+    p.write_bytes(b"a.mp4,A person is hitting x.\nb.mp4,A caf\xe9 table.\n")  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match="flist.txt:2: not UTF-8"):
+        data.read_captions(p)
+    p.write_text("a.mp4," + "x" * 200_000 + "\n")  # csv's field limit (131,072) does not apply
+    assert len(data.read_captions(p)[0][1]) == 200_000
+
+
 def test_official_flists_parse():
-    train = data.read_flist(os.path.join(SHARED, "greatesthits", "flist_train.txt"))
-    test = data.read_flist(os.path.join(SHARED, "greatesthits", "flist_val.txt"))
+    train = data.read_captions(os.path.join(LISTS, "greatesthits", "flist_train.txt"))
+    test = data.read_captions(os.path.join(LISTS, "greatesthits", "flist_val.txt"))
     assert (len(train), len(test)) == (6177, 2040)
     assert all(cap.startswith("A person is hitting") for _, cap in train + test)  # outer quotes removed
     assert any("," in cap for _, cap in train)  # quoted captions keep their commas

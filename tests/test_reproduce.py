@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import fig2  # noqa: E402
 import metrics  # noqa: E402
 import reproduce  # noqa: E402
-from data import synthetic_clip  # noqa: E402
+from synthetic import synthetic_clip  # noqa: E402
 
 QUICK = ["--quick", "--gammas", "1", "3", "--crossattn-gammas", "1"]  # fewer rows than the default: CI time
 

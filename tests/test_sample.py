@@ -1,17 +1,23 @@
-"""Algorithm 1: with gamma = 1 and untrained (identity) added modules, each modality is sampled exactly as its base
-model would sample alone with diffusers' DDIMScheduler; same seed, same files; bad input exits 2 without a traceback."""
+"""Algorithm 1 and the sampling CLI / pipeline: with gamma = 1 and untrained (identity) added modules, each modality is
+sampled exactly as its base model would be alone with diffusers' DDIMScheduler; seeds, files, manifest and page;
+the pipeline object over a trained run; what a run's config says is what is sampled; bad input exits 2."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from diffusers import DDIMScheduler
 
 import sample
+import train
 from model import build_model
+from pipeline import SoundingVideoPipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -43,23 +49,12 @@ def test_gamma_one_identity_modules_equal_base_models():
     audio = lambda u, x, t, c: u(x, t, encoder_hidden_states=None, class_labels=c).sample
     with torch.no_grad():
         ref_v = base_alone(model.video_unet, n_v, text_v, null_v, 7.5, T, video, "animatediff_ddim_scheduler.json",
-                            bases.prediction_type["v"])
+                           bases.prediction_type["v"])
         ref_a = base_alone(model.audio_unet, n_a, text_a, null_a, 2.5, T, audio, "audioldm_ddim_scheduler.json",
-                            bases.prediction_type["a"])
+                           bases.prediction_type["a"])
     assert torch.allclose(x_v, ref_v, rtol=1e-4, atol=1e-4) and torch.allclose(x_a, ref_a, rtol=1e-4, atol=1e-4)
     x_v2, _ = sample.generate(model, bases, prompts, seeds, T=T, gamma=2.0, bar=False)
     assert not torch.allclose(x_v, x_v2, atol=1e-3)  # gamma really changes the local grids
-
-
-def test_same_seed_same_files(tmp_path):
-    run = lambda d, seed: sample.main(["--size", "tiny", "--prompt", "a red wooden box", "--prompt", "a glass bottle",
-                                       "--steps", "2", "--out", str(tmp_path / d), "--seed", str(seed)])
-    run("a", 5), run("b", 5), run("c", 6)
-    names = sorted(os.listdir(tmp_path / "a"))
-    assert len(names) == 4 and names == sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "c"))
-    for n in names:  # same seed, same bytes (mp4 and wav); another seed, other bytes
-        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
-        assert (tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes(), n
 
 
 def test_samples_do_not_depend_on_batch_size():
@@ -72,12 +67,112 @@ def test_samples_do_not_depend_on_batch_size():
     assert rel(x_v[1:], x_v1) < 1e-4 and rel(x_a[1:], x_a1) < 1e-4 and rel(x_v[:1], x_v1) > 0.1
 
 
-@pytest.mark.parametrize("argv", [["--prompt", "x", "--gamma", "0"], ["--prompt", "x", "--steps", "0"], [],
-                                  ["--prompt", "x", "--ckpt", "/nonexistent/run"],
-                                  ["--prompt", "x", "--size", "pretrained", "--steps", "1"]])
-def test_bad_input_exits_2_with_one_line(argv):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run folder (both stages, a few steps; the trained weights are what matters, not quality)."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train.main(["--data", "synthetic", "--size", "tiny", "--base-steps", "2", "--max-steps", "2", "--batch-size", "2",
+                "--num-clips", "4", "--out", str(out)])
+    return out
+
+
+def test_cli_files_manifest_page_and_seeds(run, tmp_path):
+    argv = ["--ckpt", str(run), "--prompt", "a red wooden box", "--prompt", "a glass bottle", "--steps", "2",
+            "--gamma", "1", "1.5"]
+    for d, seed in (("a", 5), ("b", 5), ("c", 6)):
+        sample.main(argv + ["--out", str(tmp_path / d), "--seed", str(seed)])
+    clips = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith((".mp4", ".wav")))
+    assert len(clips) == 8 and clips == sorted(f for f in os.listdir(tmp_path / "b") if f.endswith((".mp4", ".wav")))
+    for n in clips:  # same seed, same bytes (mp4 and wav); another seed, other bytes
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+        assert (tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes(), n
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "manifest.jsonl")]
+    assert sorted(r["file"] for r in rows) == [c for c in clips if c.endswith(".mp4")]
+    assert {(r["gamma"], r["prompt"]) for r in rows} == {(g, p) for g in (1.0, 1.5) for p in ("a red wooden box",
+                                                                                           "a glass bottle")}
+    seeds = {g: [r["seed"] for r in rows if r["gamma"] == g] for g in (1.0, 1.5)}
+    assert seeds[1.0] == seeds[1.5]  # the same noise at each gamma: the rows compare the knob
+    assert all(r["checkpoint"] == os.path.abspath(run) and r["trained_steps"] == {"base": 2, "joint": 2} for r in rows)
+    page = (tmp_path / "a" / "index.html").read_text()
+    srcs = re.findall(r'<video controls preload="metadata" src="([^"]+)"', page)
+    assert sorted(srcs) == sorted(r["file"] for r in rows) and all((tmp_path / "a" / s).is_file() for s in srcs)
+
+
+def test_pipeline_equals_cli_and_honours_seconds(run, tmp_path):
+    pipe = SoundingVideoPipeline.from_pretrained(str(run))
+    out = pipe("a red wooden box", num_inference_steps=2, gamma=1.5, generator=5)
+    assert out["frames"].shape == (1, 32, 64, 64, 3) and out["frames"].dtype == np.uint8
+    assert out["waveforms"].shape == (1, 64000) and out["waveforms"].dtype == np.float32
+    assert (out["fps"], out["sample_rate"]) == (8, 16000)
+    sample.main(["--ckpt", str(run), "--prompt", "a red wooden box", "--steps", "2", "--seed", "5", "--out",
+                 str(tmp_path / "cli")])
+    wav, sr = sf.read(tmp_path / "cli" / "0000_a-red-wooden-box_g1.5.wav", dtype="float32")
+    assert sr == 16000 and np.array_equal(wav, out["waveforms"][0])  # the CLI is this pipeline
+    short = pipe(["a", "b"], num_inference_steps=1, generator=1, seconds=2)  # both modalities follow `seconds`
+    assert short["frames"].shape[:2] == (2, 16) and short["waveforms"].shape == (2, 32000)
+
+
+def test_run_config_is_honoured(run, tmp_path, monkeypatch, capsys):
+    import checkpoint
+    cfg = json.load(open(run / "joint" / "config.json"))
+    other = copy_run(run, tmp_path / "other")  # the same run, as if trained on other (pretrained) base models
+    json.dump(dict(cfg, size="pretrained", video_base="someone/sd15-finetune"), open(other / "joint" / "config.json", "w"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(other), "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "hf download someone/sd15-finetune" in err[0]
+    copy_run(run, tmp_path / "nobase")  # a tiny run whose base stage is missing
+    with pytest.raises(checkpoint.CheckpointError, match="no complete base checkpoint"):
+        SoundingVideoPipeline.from_pretrained(str(tmp_path / "nobase"))
+
+
+def copy_run(run, dest):
+    """dest/joint/ with the run's joint checkpoint (linked), config.json copied so that a test may change it."""
+    (dest / "joint").mkdir(parents=True)
+    for f in os.listdir(run / "joint"):
+        if f != "config.json":
+            os.symlink(run / "joint" / f, dest / "joint" / f)
+    (dest / "joint" / "config.json").write_text((run / "joint" / "config.json").read_text())
+    return dest
+
+
+def test_outputs_never_mix_or_follow_links(run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    argv = ["--ckpt", str(run), "--prompt", "a box", "--steps", "1", "--out", str(out)]
+    sample.main(argv)
+    with pytest.raises(SystemExit) as e:  # a reused --out is refused ...
+        sample.main(argv + ["--seed", "1"])
+    assert e.value.code == 2 and "already holds clips" in capsys.readouterr().err
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.remove(out / "0000_a-box_g1.5.wav")
+    os.symlink(victim, out / "0000_a-box_g1.5.wav")  # a planted link with the predictable name
+    sample.main(argv + ["--seed", "1", "--overwrite"])  # ... unless asked: then only the new run's clips remain
+    assert victim.read_text() == "precious" and not (out / "0000_a-box_g1.5.wav").is_symlink()
+    assert [json.loads(line)["seed"] for line in open(out / "manifest.jsonl")] == [1000003]
+    monkeypatch.chdir(tmp_path)  # an --out starting with "-" never reaches ffmpeg as an option
+    sample.main(["--ckpt", str(run), "--prompt", "a box", "--steps", "1", "--out=-dash"])
+    assert (tmp_path / "-dash" / "0000_a-box_g1.5.mp4").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "x", "--gamma", "0"], ["--prompt", "x", "--gamma", "inf"],
+                                  ["--prompt", "x", "--gamma", "nan"], ["--prompt", "x", "--steps", "0"], [],
+                                  ["--prompt", "x", "--seconds", "0"], ["--prompt", "x", "--ckpt", "/nonexistent/run"],
+                                  ["--prompt", "x", "--size", "pretrained", "--steps", "1"],
+                                  ["--prompt", "x", "--out", "/proc/nope"]])
+def test_bad_input_exits_2_with_one_line(argv, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--out", str(tmp_path / "o"), *argv],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-800:]
+    assert len([line for line in r.stderr.strip().splitlines() if line.strip()]) == 1, r.stderr[-800:]
+    assert not list(tmp_path.glob("svg_tok_*"))  # no temporary folder left behind
+
+
+def test_damaged_run_config_exits_2(run, tmp_path, capsys):
+    bad = copy_run(run, tmp_path / "bad")
+    (bad / "joint" / "config.json").write_text('{"step": 2}')  # parses, but is no train.py config
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "lacks" in capsys.readouterr().err

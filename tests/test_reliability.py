@@ -1,0 +1,193 @@
+"""Runs that survive any kill (checkpoint.py, train.py): a real SIGKILL at every file operation of a checkpoint save,
+and in the middle of a file, then --resume gives bit-identical weights and a log with every step exactly once;
+SIGTERM and Ctrl-C checkpoint and exit; one process per run folder; no silent restart or changed trajectory."""
+import contextlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import base_models  # noqa: F401  (imported here: the forked training processes then need not import diffusers)
+import cache  # noqa: F401
+import checkpoint
+import data  # noqa: F401
+import model  # noqa: F401
+import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMMON = ["--data", "synthetic", "--size", "tiny", "--base-steps", "0", "--batch-size", "1", "--num-clips", "3",
+          "--ckpt-every", "2", "--max-steps", "4"]  # saves at steps 2 and 4; 3 steps per epoch, so resume crosses one
+KILL = COMMON + ["--ckpt-every", "1", "--max-steps", "2"]  # two saves, at steps 1 and 2
+OPS = ("makedirs", "save_file", "torch.save", "_fsync", "replace", "rmtree")  # the file operations of a save
+
+def in_children(fn, *calls):
+    """Run fn(*args) for each args in forked processes, two at a time (real processes, which a SIGKILL really kills;
+    forked from this one, which has imported torch and diffusers already); -> their exit codes."""
+    codes = []
+    for i in range(0, len(calls), 2):
+        ps = [multiprocessing.get_context("fork").Process(target=fn, args=a) for a in calls[i: i + 2]]
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join(600)
+        codes += [p.exitcode for p in ps]
+    return codes
+
+
+def train_killed_at(k, how, argv, record=None):
+    """train.main(argv), SIGKILLed at the k-th file operation inside checkpoint.save (how="before": just before it;
+    "mid": a save_file leaves half a file behind first). k=0 never kills and writes the operations to `record`."""
+    torch.set_num_threads(1)
+    seen, inside = [], [False]
+
+    def hook(owner, attr, name):
+        fn = getattr(owner, attr)
+
+        def run(*a, **kw):
+            if inside[0]:
+                seen.append(name)
+                if len(seen) == k:
+                    if how == "mid" and name == "save_file":
+                        open(a[1], "wb").write(b"half a file")
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*a, **kw)
+        setattr(owner, attr, run)
+    for owner, attr, name in ((checkpoint, "save_file", "save_file"), (checkpoint, "_fsync", "_fsync"),
+                              (torch, "save", "torch.save"), (os, "makedirs", "makedirs"), (os, "replace", "replace"),
+                              (shutil, "rmtree", "rmtree")):
+        hook(owner, attr, name)
+    save = checkpoint.save
+
+    def counted(*a, **kw):
+        inside[0] = True
+        try:
+            return save(*a, **kw)
+        finally:
+            inside[0] = False
+    checkpoint.save = counted
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        train.main(argv)
+    if record:
+        open(record, "w").write(",".join(seen))
+
+
+def run(args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def weights(out):
+    return {f"{f}:{k}": v for f in ("model", "ema") for k, v in load_file(out / "joint" / f"{f}.safetensors").items()}
+
+
+def logged_steps(out):
+    return [json.loads(line)["step"] for line in open(out / "log_joint.jsonl")]
+
+
+def test_sigkill_at_every_point_of_a_save_then_resume_is_exact(tmp_path):
+    ref = tmp_path / "ref"
+    assert in_children(train_killed_at, (0, "", KILL + ["--out", str(ref)], tmp_path / "ops")) == [0]  # no kill
+    ops = (tmp_path / "ops").read_text().split(",")
+    assert logged_steps(ref) == [1, 2] and set(ops) == set(OPS), ops
+    first = ops.index("rmtree") + 1  # the ops of the first save (step 1); the rest: the second's (step 2)
+    points = [(k, "before") for k in range(1, len(ops) + 1)] + [
+        (k, "mid") for k, op in enumerate(ops, 1) if op == "save_file"]
+    outs = [str(tmp_path / f"k{k}{how}") for k, how in points]
+    killed = in_children(train_killed_at, *[(k, how, KILL + ["--out", o]) for (k, how), o in zip(points, outs)])
+    assert killed == [-signal.SIGKILL] * len(points), list(zip(points, killed))
+    resumed = in_children(train_killed_at, *[(-1, "", KILL + ["--out", o, "--resume"]) for o in outs])
+    assert resumed == [0] * len(points), list(zip(points, resumed))
+    r = weights(ref)
+    for point, out in zip(points, map(pathlib.Path, outs)):
+        w = weights(out)
+        assert w.keys() == r.keys() and all(torch.equal(w[n], r[n]) for n in r), point
+        assert logged_steps(out) == [1, 2], (point, logged_steps(out))  # every step exactly once
+        assert sorted(os.listdir(out)) == [".lock", "joint", "log_joint.jsonl"], (point, os.listdir(out))
+    print(f"\n{len(points)} kill points ({first} in the first save, {len(ops) - first} in the second, "
+          f"{len(points) - len(ops)} of them in the middle of a file): all resumed to identical weights")
+    assert len(points) >= 25 and 10 < first < len(ops) - 10
+
+
+def test_sigterm_and_ctrl_c_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
+    train.main(COMMON + ["--out", str(tmp_path / "ref")])
+    real = train.joint_loss
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / sig.name
+
+        def signal_in_step_3(model, bases, batch, args, step, offset=0, joint=True):
+            if step == 2:
+                os.kill(os.getpid(), sig)  # a real signal, through train.py's handler
+            return real(model, bases, batch, args, step, offset, joint)
+        monkeypatch.setattr(train, "joint_loss", signal_in_step_3)
+        with pytest.raises(SystemExit) as e:
+            train.main(COMMON + ["--out", str(out)])
+        assert e.value.code == 128 + sig
+        assert checkpoint.latest(out, "joint")[1] == 2  # saved at the step it stopped
+        monkeypatch.setattr(train, "joint_loss", real)
+        train.main(COMMON + ["--out", str(out), "--resume"])
+        assert logged_steps(out) == [1, 2, 3, 4]
+        w, ref = weights(out), weights(tmp_path / "ref")
+        assert all(torch.equal(w[n], ref[n]) for n in ref)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # train.main gives the handlers back
+
+
+def test_one_process_per_run_and_no_silent_restart(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    held = checkpoint.lock(str(out))  # another process is training here
+    r = run(COMMON + ["--out", str(out)])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {out} is in use by another process (pid {os.getpid()}); wait for it to finish or choose another --out"]
+    held.close()
+    train.main(COMMON + ["--out", str(out)])
+    for argv, why in ((COMMON, "already holds checkpoints (joint at step 4); continue it with --resume"),
+                      (COMMON + ["--resume", "--seed", "3", "--lr", "0.01"], "--lr 0.001 -> 0.01; --seed 0 -> 3")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", str(out)])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    train.main(COMMON + ["--out", str(out), "--resume", "--max-steps", "5", "--allow-changed-args"])  # accepted
+    assert checkpoint.latest(str(out), "joint")[1] == 5
+
+
+def test_weights_load_strictly_both_ways(tmp_path):
+    from model import build_model
+    model, _ = build_model("tiny")
+    names = train.stage_params(model, "joint")
+    good = {n: p.detach() for n, p in names.items()}
+    for bad, why in (({}, "tensors missing"), ({**good, "extra.weight": torch.zeros(1)}, "1 unexpected"),
+                     ({**good, "blocks_v.0.proj_out.weight": torch.zeros(3)}, "blocks_v.0.proj_out.weight has shape")):
+        save_file(bad, tmp_path / "ema.safetensors")
+        with pytest.raises(checkpoint.CheckpointError, match=why) as e:
+            checkpoint.load_weights(model, tmp_path, names)
+        assert str(tmp_path / "ema.safetensors") in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "ema.safetensors").write_bytes(b"\0" * 100)  # damaged
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load_weights(model, tmp_path, names)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--ema-decay", "nan"], "--ema-decay: nan is outside"), (["--ema-decay", "1"], "--ema-decay: 1 is outside"),
+    (["--lr", "nan"], "--lr: nan"), (["--lr", "0"], "--lr: 0 is outside"), (["--batch-size", "0"], "--batch-size"),
+    (["--ckpt-every", "0"], "--ckpt-every"), (["--fps", "0"], "--fps"), (["--p-uncond", "1.5"], "--p-uncond"),
+    (["--max-steps", "0", "--base-steps", "0"], "nothing to train"), (["--grad-accum", "0"], "--grad-accum"),
+    (["--data", "greatesthits", "--size", "tiny", "--root", "/nonexistent"], "--root"),
+    (["--data", "greatesthits", "--size", "tiny", "--root", ".", "--flist", "/nonexistent"], "--flist"),
+    (["--cache", "/nonexistent"], "--cache"), (["--size", "pretrained"], "hf download cvssp/audioldm-m-full"),
+    (["--out", "/proc/nope"], "--out: cannot write")])
+def test_bad_input_one_line_exit_2_before_any_model(argv, why, monkeypatch, capsys):
+    import model
+    monkeypatch.setattr(model, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "synthetic", "--size", "tiny", "--num-clips", "2", "--batch-size", "1",
+                    "--out", str(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "svg-bad-input")] + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and why in err[0], err
