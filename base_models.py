@@ -26,6 +26,7 @@ import librosa
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                           RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig)
@@ -34,9 +35,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from cli import BASES, hub_reachable
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-# diffusers notes "modules that should be kept in float32: []" at every .to(dtype) of a model that has none
+# diffusers notes "modules that should be kept in float32: []" at every .to(dtype) of a model that has none, and
+# transformers 5 draws a "Loading weights" bar for every text encoder: neither says anything to a user
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     lambda record: "should be kept in float32" not in record.getMessage())
+transformers.utils.logging.disable_progress_bar()
 SR, N_FFT, HOP, N_MELS, SECONDS = 16000, 1024, 160, 64, 4.0  # AudioLDM's mel settings (HIFIGAN_16K_64)
 
 

@@ -1,120 +1,25 @@
-"""Evaluation metrics (Sec. 4.1.1, 4.2.1, App. A.4): AV-Align, FVD, FAD, ImageBind scores, one command for a folder.
+"""Evaluation metrics (Sec. 4.1.1, 4.2.1): AV-Align (av_align.py), FVD, FAD, ImageBind scores, one command for a folder.
 
-AV-Align reproduces the published scripts (OpenCV Farneback flow, strict local maxima, librosa's default onsets at
-22050 Hz, a match when v - 1/fps < a < v + 1/fps): "iou" = Eq. (14)-(15), the paper's script, in [0, 1]; "official" =
-Eq. (12), TempoTokens 2023, can exceed 1 (A.4.2); "official_2025" = TempoTokens since 2025-02 (mean flow >= 0.1 at a
-peak, one onset per peak). FVD follows StyleGAN-V's fvd2048_16f, FAD audioldm_eval's VGGish, ImageBind the official
-script; feature extractors are arguments, so tests plug in tiny stand-ins. Leaves out: the tuned flow/onset parameters
-of Sec. 4.1.1 (never released; the released script uses the values here), JPEG frame dumps before FVD, and the
-official extras that the paper does not report (PANNs FD, KL, CLAP, CAVP).
+FVD follows StyleGAN-V's fvd2048_16f, FAD audioldm_eval's VGGish, ImageBind the official script; feature extractors
+are arguments, so tests plug in tiny stand-ins. A clip that does not decode whole, or is shorter than --seconds, is
+listed as failed, never scored from what decodes. Leaves out: JPEG frame dumps before FVD, and the official extras
+that the paper does not report (PANNs FD, KL, CLAP, CAVP).
 """
-import argparse, csv, functools, json, multiprocessing, os, random, re, subprocess, sys, time, warnings  # noqa: E401
+import functools, json, multiprocessing, os, random, sys, time, warnings  # noqa: E401
 import concurrent.futures as cf
 from pathlib import Path
 
-import cv2, imageio_ffmpeg, librosa, scipy.linalg  # noqa: E401
+import cv2, scipy.linalg  # noqa: E401
 import numpy as np
-import soundfile as sf
 from tqdm import tqdm
 
-VARIANTS = ("iou", "official", "official_2025")
+from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video  # noqa: F401 (re-exported)
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's fvd2048_16f detector
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"  # audioldm_eval
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # the official ImageBind script
 
 class MetricError(RuntimeError):  # a missing weight file or package: one line, and the other metrics go on
     pass
-
-def read_video(path):
-    """All frames as uint8 RGB (T, H, W, 3) and the container's fps, decoded by OpenCV as the official scripts do."""
-    cap, frames = cv2.VideoCapture(str(path)), []
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    while (frame := cap.read())[0]:
-        frames.append(cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB))
-    if not frames or not fps > 0:
-        raise ValueError(f"cannot decode video {path}")
-    return np.stack(frames), fps
-
-def read_audio(path, dtype="float32"):
-    """Mono audio at its own rate from a wav (soundfile, as librosa.load reads it) or a video's track (ffmpeg)."""
-    if Path(path).suffix.lower() in (".wav", ".flac"):
-        y, sr = sf.read(str(path), dtype=dtype, always_2d=True)
-        return y.mean(1) if y.shape[1] > 1 else y[:, 0], sr
-    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path), "-vn",
-                          "-ac", "1", "-f", "f32le", "-acodec", "pcm_f32le", "-"], capture_output=True)
-    if out.returncode or not (rate := re.search(rb"Audio:.*?(\d+) Hz", out.stderr)):
-        raise ValueError(f"no audio track in {path}")
-    return np.frombuffer(out.stdout, np.float32).astype(dtype), int(rate.group(1))
-
-def audio_path(mp4):  # the same-stem wav (as sample.py and the official scripts write it), else the mp4 itself
-    return Path(mp4).with_suffix(".wav") if Path(mp4).with_suffix(".wav").exists() else Path(mp4)
-
-# ------------------------------------------------------------------------------------------------------ AV-Align
-def flow_trajectory(frames):
-    """Mean Farneback flow magnitude per frame (T,): flow(i-1 -> i), element 0 repeating flow(0 -> 1) as officially."""
-    if len(frames) < 2:
-        return np.zeros(len(frames))
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]  # RGB2GRAY on RGB == BGR2GRAY on BGR
-    # OpenCV's (IPP) magnitude rounds by its output's alignment (the official values vary by run): fix it at 32 bytes
-    buf = np.empty(gray[0].size + 8, np.float32)
-    mag, traj = buf[(-buf.ctypes.data % 32) // 4:][:gray[0].size].reshape(gray[0].shape), []
-    for p, q in zip(gray[:-1], gray[1:]):
-        flow = cv2.calcOpticalFlowFarneback(p, q, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        traj.append(cv2.mean(cv2.magnitude(flow[..., 0], flow[..., 1], mag))[0])
-    return np.array(traj[:1] + traj, dtype=np.float64)
-
-def video_peaks(traj, fps, min_flow=None):
-    """Times i / fps of strict local maxima, i in 1..T-2; min_flow=0.1 is the 2025 script's threshold."""
-    i = np.arange(1, len(traj) - 1)
-    keep = (traj[i - 1] < traj[i]) & (traj[i] > traj[i + 1])
-    return i[keep & (traj[i] >= min_flow) if min_flow is not None else keep] / fps
-
-def audio_onsets(audio, sr):
-    """Onset times (s) with librosa's defaults at 22050 Hz, spelled out so that new librosa defaults change nothing."""
-    y = np.asarray(audio, np.float32)
-    if sr != 22050:
-        y = librosa.resample(y, orig_sr=sr, target_sr=22050, res_type="soxr_hq")  # what librosa.load(wav) does
-    env = librosa.onset.onset_strength(y=y, sr=22050, n_fft=2048, hop_length=512, n_mels=128, fmax=11025.0,
-                                       center=True, pad_mode="constant", lag=1, max_size=1, aggregate=np.mean)
-    on = librosa.onset.onset_detect(onset_envelope=env, sr=22050, hop_length=512, backtrack=False, normalize=True,
-                                    pre_max=1, post_max=1, pre_avg=4, post_avg=5, wait=1, delta=0.07)
-    return librosa.frames_to_time(on, sr=22050, hop_length=512)
-
-def align_score(A, V, fps, variant="iou"):
-    """AV-Align of onset times A and peak times V, the window written as the scripts write it. Empty sets score 0.0
-    (TempoTokens divides by zero when both are empty; the paper's script sets p = 0 or r = 0 for an empty side)."""
-    A, V, w = np.asarray(A, np.float64), np.asarray(V, np.float64), 1.0 / fps
-    a_hit = (V - w < A[:, None]) & (A[:, None] < V + w)  # (|A|, |V|): onset a lies in peak v's window
-    if variant == "iou":
-        v_hit = (A - w < V[:, None]) & (V[:, None] < A + w)  # (|V|, |A|): peak v lies in onset a's window
-        p = a_hit.any(1).mean() if len(A) else 0.0  # Eq. (15)
-        r = v_hit.any(1).mean() if len(V) else 0.0  # Eq. (15)
-        return float(p * r / (p + r - p * r)) if p > 0 or r > 0 else 0.0  # Eq. (14)
-    if variant == "official":
-        c = int(a_hit.any(1).sum())  # Eq. (12): c counts onsets, and one peak may serve several of them
-    elif variant == "official_2025":
-        used, c = np.zeros(len(V), bool), 0
-        for row in a_hit:  # onsets in time order each take the first unused peak in their window
-            if len(j := np.flatnonzero(row & ~used)):
-                used[j[0]], c = True, c + 1
-    else:
-        raise ValueError(f"unknown AV-Align variant {variant!r}; choose from {VARIANTS}")
-    return c / (len(A) + len(V) - c) if len(A) + len(V) else 0.0  # Eq. (12)
-
-def align_scores(traj, A, fps):
-    V, V_2025 = video_peaks(traj, fps), video_peaks(traj, fps, min_flow=0.1)
-    return {v: align_score(A, V_2025 if v == "official_2025" else V, fps, v) for v in VARIANTS}
-
-def av_align(frames, fps, audio, sr, variant="iou"):
-    """AV-Align (App. A.4) of uint8 RGB frames (T, H, W, 3) at fps and mono audio at sr; empty sets score 0.0."""
-    align_score([], [], 1, variant)  # rejects an unknown variant before the expensive part
-    return align_scores(flow_trajectory(frames), audio_onsets(audio, sr), fps)[variant]
-
-def av_align_file(mp4_path, wav_path=None, variant="iou"):
-    """AV-Align of an mp4 at its fps with wav_path, else the same-stem wav, else its track (variant=None: all three)."""
-    frames, fps = read_video(mp4_path)
-    scores = align_scores(flow_trajectory(frames), audio_onsets(*read_audio(wav_path or audio_path(mp4_path))), fps)
-    return scores if variant is None else scores[variant]
 
 def _safe(fn, path):  # a bad file is reported, never fatal
     try:
@@ -127,7 +32,7 @@ def map_clips(fn, paths, workers=1, desc=None):
     ctx = multiprocessing.get_context("spawn")  # a forked child can inherit a lock held by OpenCV's thread pool
     ex = cf.ProcessPoolExecutor(workers, ctx, initializer=cv2.setNumThreads, initargs=(1,)) if workers > 1 else None
     results, ok, bad = (ex.map if ex else map)(_safe, [fn] * len(paths), paths), {}, {}
-    for p, (value, err) in zip(paths, tqdm(results, total=len(paths), desc=desc)):
+    for p, (value, err) in tqdm(zip(paths, results), total=len(paths), desc=desc):  # the bar reaches its end
         (bad if err else ok)[str(p)] = err or value
     if ex:
         ex.shutdown()
@@ -204,7 +109,8 @@ def load_vggish(path=None, device="cpu"):
     except ImportError:
         raise MetricError("FAD needs the VGGish code: pip install torchvggish") from None
     net = torchvggish.VGG(torchvggish.make_layers(), postprocess=False)
-    net.load_state_dict(torch.load(_weights(path, VGGISH_URL, "vggish-10086976.pth", "--vggish"), map_location="cpu"))
+    net.load_state_dict(torch.load(_weights(path, VGGISH_URL, "vggish-10086976.pth", "--vggish"), map_location="cpu",
+                                   weights_only=True))  # tensors only: never run a file's pickled code
     net.embeddings = torch.nn.Sequential(*list(net.embeddings.children())[:-1])  # audioldm_eval: use_activation=False
     net.eval().to(device)
     def extract(wave, sr):
@@ -232,7 +138,8 @@ def imagebind_scores(rows, path=None, device="cpu"):
     except ImportError:
         raise MetricError("needs the imagebind package (facebookresearch/ImageBind, CC BY-NC 4.0)") from None
     model, M = imagebind_model.imagebind_huge(pretrained=False).eval().to(device), imagebind_model.ModalityType
-    model.load_state_dict(torch.load(_weights(path, IMAGEBIND_URL, "imagebind_huge.pth", "--imagebind")))
+    model.load_state_dict(torch.load(_weights(path, IMAGEBIND_URL, "imagebind_huge.pth", "--imagebind"),
+                                     map_location="cpu", weights_only=True))
     cos, scores = torch.nn.CosineSimilarity(dim=1, eps=1e-6), {"IB-TV": [], "IB-TA": [], "IB-AV": []}
     pairs = {"IB-TV": (M.TEXT, M.VISION), "IB-TA": (M.TEXT, M.AUDIO), "IB-AV": (M.VISION, M.AUDIO)}
     for mp4, caption in tqdm(rows, desc="ImageBind"):  # audio from the same-stem wav, else torchaudio reads the mp4
@@ -246,36 +153,52 @@ def imagebind_scores(rows, path=None, device="cpu"):
     return {k: float(np.mean(v)) for k, v in scores.items() if v}
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate generated sounding videos: AV-Align, FVD, FAD, ImageBind.")
+    import cli
+    ap = cli.Parser(description="Evaluate generated sounding videos: AV-Align, FVD, FAD, ImageBind.")
     ap.add_argument("--gen", required=True, help="folder of generated <name>.mp4 (+ <name>.wav), as sample.py writes")
     ap.add_argument("--ref", help="folder of reference clips (needed for FVD and FAD)")
     ap.add_argument("--captions", help="file list `<clip path>,<caption>` for IB-TV and IB-TA")
     ap.add_argument("--metrics", default="av_align,fvd,fad,imagebind")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: IB
+    ap.add_argument("--seconds", type=cli.number(float, 0), default=4.0, help="clips shorter fail (4 s: Sec. 4.1.2)")
     ap.add_argument("--out", default="results.json")
     ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when missing and online)")
     ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when missing and online)")
     ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when missing and online)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="AV-Align processes, one clip each")
-    ap.add_argument("--seed", type=int, default=0, help="FVD: random 16-frame offsets of the real clips")
+    ap.add_argument("--workers", type=cli.number(int, 1), default=os.cpu_count(), help="AV-Align processes, one clip each")
+    ap.add_argument("--seed", type=cli.number(int, 0), default=0, help="FVD: random 16-frame offsets of the real clips")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if unknown := set(wanted := args.metrics.split(",")) - {"av_align", "fvd", "fad", "imagebind"}:
-        ap.error(f"unknown metric(s) {sorted(unknown)}; choose from av_align,fvd,fad,imagebind")
-    if missing := [d for d in (args.gen, args.ref) if d and not Path(d).is_dir()]:
-        ap.error(f"{missing[0]} is not a folder")
+        cli.fail(f"unknown metric(s) {sorted(unknown)}; choose from av_align,fvd,fad,imagebind")
+    [cli.existing(d, "--gen / --ref", "dir") for d in (args.gen, args.ref) if d]
     if not (gen := sorted(Path(args.gen).glob("*.mp4"))):
-        ap.error(f"no .mp4 files in {args.gen}")
+        cli.fail(f"no .mp4 files in {args.gen}")
+    caps = {}
+    if args.captions:
+        from data import read_captions
+        try:
+            caps = dict(read_captions(args.captions))
+        except ValueError as e:
+            cli.fail(str(e))
     ref, res, failed, skipped, per_clip = sorted(Path(args.ref).glob("*.mp4")) if args.ref else [], {}, {}, {}, {}
+    def save():  # after each metric, atomically: a crash keeps what is done
+        Path(args.out + ".tmp").write_text(json.dumps(dict(results=res, per_clip=per_clip, failed_files=failed,
+                                                           not_computed=skipped, args=vars(args)), indent=1))
+        os.replace(args.out + ".tmp", args.out)
+    try:
+        save()  # first: an unwritable --out fails now, not after the work
+    except OSError as e:
+        cli.fail(f"--out {args.out}: {e.strerror or type(e).__name__}")
     for name, clips in (("gen", gen), ("ref", ref)) if "av_align" in wanted else ():
         if clips:
             t0 = time.perf_counter()
-            per_clip[name], bad = map_clips(functools.partial(av_align_file, variant=None), clips, args.workers, name)
+            fn = functools.partial(av_align_file, variant=None, seconds=args.seconds)
+            per_clip[name], bad = map_clips(fn, clips, args.workers, f"AV-Align {name}")
             res.update({f"av_align_{v}/{name}": float(np.mean([s[v] for s in per_clip[name].values()]))
                         if per_clip[name] else None for v in VARIANTS})
             res[f"av_align_sec_per_clip/{name}"] = (time.perf_counter() - t0) / len(clips)
             failed.update(bad)
-    with open(args.captions or os.devnull, newline="") as f:  # the official file list: `<clip path>,"<caption>"`
-        caps = {Path(row[0]).stem: row[-1] for row in csv.reader(f) if row}
+            save()
     for name, fn in (("fvd", lambda: fvd(gen, ref, load_i3d(args.i3d, args.device), seed=args.seed)),
                      ("fad", lambda: fad(gen, ref, load_vggish(args.vggish, args.device))),
                      ("imagebind", lambda: (imagebind_scores([(p, caps.get(p.stem)) for p in gen], args.imagebind,
@@ -289,11 +212,11 @@ def main(argv=None):
                 failed.update(bad)
             except Exception as e:  # one metric failing never stops the others
                 skipped[name] = str(e) if isinstance(e, MetricError) else f"{type(e).__name__}: {e}"
+            save()
     for k, v in list(failed.items()) + [(f"{k} not computed", v) for k, v in skipped.items()]:
         print(f"{k}: {v}", file=sys.stderr)
     print(f"{'metric':<36}value\n" + "\n".join(f"{k:<36}{'n/a' if v is None else f'{v:.4f}'}" for k, v in res.items()))
-    Path(args.out).write_text(json.dumps({"results": res, "per_clip": per_clip, "failed_files": failed,
-                                          "not_computed": skipped, "args": vars(args)}, indent=1))
+    save()
     return res
 
 if __name__ == "__main__":

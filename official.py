@@ -165,8 +165,9 @@ def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None)
                  tokenizer_a=RobertaTokenizer, vocoder=SpeechT5HifiGan)
     parts = {}
     for name, cls in kinds.items():
+        kw = dict(low_cpu_mem_usage=False) if cls.__module__.startswith("diffusers") else {}  # no accelerate notice
         try:
-            parts[name] = cls.from_pretrained(os.path.join(folder, name))
+            parts[name] = cls.from_pretrained(os.path.join(folder, name), **kw)
         except (OSError, ValueError) as e:
             raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__} ({type(e).__name__})") from None
     schedulers = {m: DDIMScheduler.from_pretrained(os.path.join(folder, f"scheduler_{m}")).config

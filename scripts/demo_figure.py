@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
-import metrics  # noqa: E402
+import av_align  # noqa: E402
 from synthetic import synthetic_clip  # noqa: E402
 
 
 def panel(frames, audio, fps, sr, every=2):
     """-> (strip of every `every`-th frame side by side, onsets in s, flow peaks in s, AV-Align IoU)."""
-    onsets = metrics.audio_onsets(audio, sr)
-    peaks = metrics.video_peaks(metrics.flow_trajectory(frames), fps)  # in seconds
+    onsets = av_align.audio_onsets(audio, sr)
+    peaks = av_align.video_peaks(av_align.flow_trajectory(frames), fps)  # in seconds
     strip = np.concatenate(list(frames[::every]), axis=1)  # (H, W * F / every, 3)
-    return strip, onsets, peaks, metrics.align_score(onsets, peaks, fps)
+    return strip, onsets, peaks, av_align.align_score(onsets, peaks, fps)
 
 
 def main(argv=None):
@@ -37,8 +37,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     rows = []
     for path in a.mp4:
-        frames, fps = metrics.read_video(path)
-        audio, sr = metrics.read_audio(metrics.audio_path(path))
+        frames, fps = av_align.read_video(path)
+        audio, sr = av_align.read_audio(av_align.audio_path(path))
         rows.append((Path(path).stem[5:65], frames, fps, audio, sr))
     for k in range(a.real):
         c = synthetic_clip(10 ** 6 + k, fps=a.fps)  # data.py's test seeds

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import checkpoint  # noqa: E402
+import av_align  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from data import build_dataset, log_mel, normalize_wav, write_mp4  # noqa: E402
@@ -140,12 +141,12 @@ def audio_features(wave):
 
 
 def score_clips(frames, waves, fps, sr, extract=None):
-    """Per clip: AV-Align (IoU; = metrics.av_align, its steps spelled out to keep the counts of audio onsets and video
+    """Per clip: AV-Align (IoU; = av_align.av_align, its steps spelled out to keep the counts of audio onsets and video
     peaks), the FD features, and (optionally) FVD / FAD network features."""
     res = dict(av_align=[], n_onsets=[], n_peaks=[], video_feat=[], audio_feat=[])
     for f, w in zip(frames, waves):
-        A, V = metrics.audio_onsets(w, sr), metrics.video_peaks(metrics.flow_trajectory(f), fps)
-        res["av_align"].append(metrics.align_score(A, V, fps, "iou"))  # App. A.4, Eq. (14)-(15)
+        A, V = av_align.audio_onsets(w, sr), av_align.video_peaks(av_align.flow_trajectory(f), fps)
+        res["av_align"].append(av_align.align_score(A, V, fps, "iou"))  # App. A.4, Eq. (14)-(15)
         res["n_onsets"].append(len(A))
         res["n_peaks"].append(len(V))
         res["video_feat"].append(video_features(f).tolist())

@@ -1,7 +1,8 @@
-"""train.py under torchrun (DistributedDataParallel, 2 gloo processes on the CPU): one step on two half-batches updates
-the weights as one process does on the whole batch. train.py seeds every per-sample draw (noise, timesteps, caption
-dropout) by (seed, step, global index) and draws one self-conditioning coin per step, so both runs see the same
-samples, noise and timesteps; DDP averages the two half-batch gradients, which is the whole batch's mean gradient."""
+"""One global batch, however it is split: under torchrun (DistributedDataParallel, 2 gloo processes on the CPU) or
+into --grad-accum micro-batches, one step updates the weights as one process does on the whole batch. train.py
+seeds every per-sample draw (noise, timesteps, caption dropout) by (seed, step, index in the global batch) and draws
+one self-conditioning coin per step, so all runs see the same samples, noise and timesteps; DDP averages the half-
+batch gradients and accumulation sums micro-batch losses / N, both the whole batch's mean gradient. And clipping."""
 import os
 import pathlib
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+import train
 from model import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,13 +25,35 @@ def launch(cmd):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
 
+def read(run):
+    return (load_file(run / "joint" / "model.safetensors"),
+            torch.load(run / "joint" / "state.pt", weights_only=True)["opt"])
+
+
+def gradients(opt, beta1=0.9):  # after Adam's first step exp_avg = (1 - beta1) * g
+    return [s["exp_avg"] / (1 - beta1) for _, s in sorted(opt["state"].items())]
+
+
 def test_two_half_batches_equal_one_whole_batch(tmp_path):
     launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *RUN, "--batch-size", "2",
             "--out", str(tmp_path / "ddp")])
     launch([*RUN, "--batch-size", "4", "--out", str(tmp_path / "one")])
-    read = lambda run: (load_file(tmp_path / run / "joint" / "model.safetensors"),
-                        torch.load(tmp_path / run / "joint" / "state.pt", weights_only=True)["opt"])
-    (w_ddp, opt_ddp), (w_one, opt_one) = read("ddp"), read("one")
+    assert_same_update(read(tmp_path / "ddp"), read(tmp_path / "one"))
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_clipping_bounds_the_norm(tmp_path):
+    main = lambda *a: train.main([*RUN[1:], *a])  # in this process: no fresh imports
+    main("--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "accum"))
+    main("--batch-size", "4", "--out", str(tmp_path / "one"))
+    assert_same_update(read(tmp_path / "accum"), read(tmp_path / "one"))
+    main("--batch-size", "4", "--max-grad-norm", "0", "--out", str(tmp_path / "free"))
+    main("--batch-size", "4", "--max-grad-norm", "0.01", "--out", str(tmp_path / "clip"))
+    norm = lambda run: torch.cat([g.flatten() for g in gradients(read(tmp_path / run)[1])]).norm().item()
+    assert norm("free") > 0.05 and abs(norm("clip") - 0.01) < 1e-4  # default 1.0 (official code); 0: off
+
+
+def assert_same_update(a, b):
+    (w_ddp, opt_ddp), (w_one, opt_one) = a, b
     model, _ = build_model("tiny")  # the same initial weights as both runs (seeded build)
     names = [n for n, _ in model.trainable_parameters()]  # the optimizer's parameter order
     w0 = dict(model.trainable_parameters())

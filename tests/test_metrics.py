@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import av_align  # noqa: E402
 import metrics  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # stand-ins for a TorchScript file
@@ -134,28 +135,28 @@ def clip_dir(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------------ AV-Align
 def test_aligned_scores_above_shifted_and_random():
     frames = make_frames()
-    aligned = {v: metrics.av_align(frames, FPS, make_audio(HIT_TIMES), SR, v) for v in metrics.VARIANTS}
-    shifted = {v: metrics.av_align(frames, FPS, make_audio([t + 0.5 for t in HIT_TIMES]), SR, v)
-               for v in metrics.VARIANTS}
-    assert all(aligned[v] >= 0.9 and shifted[v] < aligned[v] for v in metrics.VARIANTS), (aligned, shifted)
+    aligned = {v: av_align.av_align(frames, FPS, make_audio(HIT_TIMES), SR, v) for v in av_align.VARIANTS}
+    shifted = {v: av_align.av_align(frames, FPS, make_audio([t + 0.5 for t in HIT_TIMES]), SR, v)
+               for v in av_align.VARIANTS}
+    assert all(aligned[v] >= 0.9 and shifted[v] < aligned[v] for v in av_align.VARIANTS), (aligned, shifted)
     for seed in range(3):
         times = np.random.default_rng(seed).uniform(0.2, 3.8, 3)
-        rand = metrics.av_align(frames, FPS, make_audio(times, seed=seed), SR, "iou")
+        rand = av_align.av_align(frames, FPS, make_audio(times, seed=seed), SR, "iou")
         assert rand < aligned["iou"]
 
 
 def test_peaks_and_onsets_land_on_the_hits():
-    assert np.allclose(metrics.video_peaks(metrics.flow_trajectory(make_frames()), FPS), HIT_TIMES)
-    onsets = metrics.audio_onsets(make_audio(HIT_TIMES), SR)
+    assert np.allclose(av_align.video_peaks(av_align.flow_trajectory(make_frames()), FPS), HIT_TIMES)
+    onsets = av_align.audio_onsets(make_audio(HIT_TIMES), SR)
     assert len(onsets) == len(HITS) and np.all(np.abs(onsets - HIT_TIMES) < 0.5 / FPS)
 
 
 def test_two_onsets_per_peak_official_exceeds_one():
     """App. A.4.2: when |A| > |V| Eq. (12) exceeds one; Eq. (14) and the 2025 script stay in [0, 1]."""
     frames, audio = make_frames(), make_audio(HIT_TIMES, gap=0.08)
-    A, V = metrics.audio_onsets(audio, SR), metrics.video_peaks(metrics.flow_trajectory(frames), FPS)
+    A, V = av_align.audio_onsets(audio, SR), av_align.video_peaks(av_align.flow_trajectory(frames), FPS)
     assert len(A) == 2 * len(V)
-    s = {v: metrics.av_align(frames, FPS, audio, SR, v) for v in metrics.VARIANTS}
+    s = {v: av_align.av_align(frames, FPS, audio, SR, v) for v in av_align.VARIANTS}
     assert s["official"] == 2 * len(V) / (2 * len(V) + len(V) - 2 * len(V)) == 2.0
     assert s["iou"] == 1.0 and s["official_2025"] == len(V) / (2 * len(V)) == 0.5
 
@@ -163,48 +164,48 @@ def test_two_onsets_per_peak_official_exceeds_one():
 def test_scores_by_hand_and_bounds():
     # A = {0.5, 1.0, 2.0}, V = {0.55, 3.0}, window 1/8 s: one onset and one peak match, p = 1/3, r = 1/2
     p, r = 1 / 3, 1 / 2
-    assert metrics.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "iou") == pytest.approx(p * r / (p + r - p * r)) == 0.25
-    assert metrics.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "official") == 1 / (3 + 2 - 1)
+    assert av_align.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "iou") == pytest.approx(p * r / (p + r - p * r)) == 0.25
+    assert av_align.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "official") == 1 / (3 + 2 - 1)
     rng = np.random.default_rng(0)
     for _ in range(300):
         A, V = np.sort(rng.uniform(0, 4, rng.integers(0, 8))), np.sort(rng.uniform(0, 4, rng.integers(0, 8)))
         fps = rng.choice([4, 8, 30])
-        assert 0.0 <= metrics.align_score(A, V, fps, "iou") <= 1.0
-        assert 0.0 <= metrics.align_score(A, V, fps, "official_2025") <= 1.0
-        assert metrics.align_score(A, V, fps, "official") >= 0.0
+        assert 0.0 <= av_align.align_score(A, V, fps, "iou") <= 1.0
+        assert 0.0 <= av_align.align_score(A, V, fps, "official_2025") <= 1.0
+        assert av_align.align_score(A, V, fps, "official") >= 0.0
     with pytest.raises(ValueError, match="unknown AV-Align variant"):
-        metrics.av_align(make_frames(), FPS, make_audio(HIT_TIMES), SR, "nope")
+        av_align.av_align(make_frames(), FPS, make_audio(HIT_TIMES), SR, "nope")
 
 
 def test_empty_onset_and_peak_sets():
-    for v in metrics.VARIANTS:
-        assert metrics.align_score([], [], FPS, v) == 0.0
-        assert metrics.align_score([1.0], [], FPS, v) == 0.0
-        assert metrics.align_score([], [1.0], FPS, v) == 0.0
+    for v in av_align.VARIANTS:
+        assert av_align.align_score([], [], FPS, v) == 0.0
+        assert av_align.align_score([1.0], [], FPS, v) == 0.0
+        assert av_align.align_score([], [1.0], FPS, v) == 0.0
         static = np.full((T, SIZE, SIZE, 3), 90, np.uint8)
-        assert metrics.av_align(static, FPS, np.zeros(4 * SR, np.float32), SR, v) == 0.0  # no onsets, no peaks
-        assert metrics.av_align(make_frames()[:2], FPS, make_audio(HIT_TIMES), SR, v) == 0.0  # too short for a peak
+        assert av_align.av_align(static, FPS, np.zeros(4 * SR, np.float32), SR, v) == 0.0  # no onsets, no peaks
+        assert av_align.av_align(make_frames()[:2], FPS, make_audio(HIT_TIMES), SR, v) == 0.0  # too short for a peak
 
 
 def test_exactly_the_official_numbers(clip_dir):
     for name in ["aligned", "shifted", "random", "double", "silent"]:
         mp4, wav = clip_dir / f"{name}.mp4", clip_dir / f"{name}.wav"
         traj, onsets, ref = official_reference(mp4, wav)
-        frames, fps = metrics.read_video(mp4)
+        frames, fps = av_align.read_video(mp4)
         # the official script's own flow values vary in the last bits between runs (see flow_trajectory)
-        assert np.allclose(metrics.flow_trajectory(frames), traj, rtol=1e-9, atol=0), name
-        assert np.array_equal(metrics.audio_onsets(*metrics.read_audio(wav)), onsets), name
-        ours = metrics.av_align_file(mp4, wav, variant=None)
-        for v in metrics.VARIANTS:
+        assert np.allclose(av_align.flow_trajectory(frames), traj, rtol=1e-9, atol=0), name
+        assert np.array_equal(av_align.audio_onsets(*av_align.read_audio(wav)), onsets), name
+        ours = av_align.av_align_file(mp4, wav, variant=None)
+        for v in av_align.VARIANTS:
             assert ours[v] == (0.0 if ref[v] is None else ref[v]), (name, v, ours[v], ref[v])
     assert official_reference(clip_dir / "double.mp4", clip_dir / "double.wav")[2]["official"] > 1
 
 
 def test_audio_from_the_mp4_track(tmp_path):
     mp4 = write_clip(tmp_path / "track.mp4", make_frames(), make_audio(HIT_TIMES), wav=False)
-    audio, sr = metrics.read_audio(mp4)
+    audio, sr = av_align.read_audio(mp4)
     assert sr == SR and abs(len(audio) - 4 * SR) < 0.01 * SR
-    assert metrics.audio_path(mp4) == mp4 and metrics.av_align_file(mp4, variant="iou") == 1.0
+    assert av_align.audio_path(mp4) == mp4 and av_align.av_align_file(mp4, variant="iou") == 1.0
 
 
 # ------------------------------------------------------------------------------------------ Frechet distances
@@ -400,3 +401,36 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
     assert "av_align_iou/gen" in printed.out and "broken.mp4" in printed.err
     with pytest.raises(SystemExit):
         metrics.main(["--gen", str(tmp_path / "nowhere")])
+
+
+def test_damaged_or_short_clips_fail_per_file_and_the_output_opens_first(tmp_path, monkeypatch, capsys):
+    import data
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    data.write_mp4(gen / "good.mp4", make_frames(), FPS, make_audio(HIT_TIMES))  # as sample.py writes (faststart)
+    whole = (gen / "good.mp4").read_bytes()
+    (gen / "cut.mp4").write_bytes(whole[:len(whole) * 6 // 10])  # its header still lists 32 frames; 7 decode
+    data.write_mp4(gen / "short.mp4", make_frames()[:16], FPS, make_audio(HIT_TIMES)[:2 * SR])  # 2 s of a 4 s clip
+    res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "1", "--out", str(tmp_path / "r.json")])
+    failed = json.loads((tmp_path / "r.json").read_text())["failed_files"]
+    assert res["av_align_iou/gen"] == 1.0 and set(failed) == {str(gen / "cut.mp4"), str(gen / "short.mp4")}
+    assert "truncated: 7 of the 32 frames" in failed[str(gen / "cut.mp4")] and "too short" in failed[str(gen / "short.mp4")]
+    monkeypatch.setattr(metrics, "map_clips", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["--gen", str(gen), "--out", "/proc/nope/r.json"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --out /proc/nope/r.json")
+
+
+def test_weight_files_load_as_tensors_only(tmp_path, monkeypatch):
+    import types
+
+    class Payload:  # a pickle that runs code when loaded without weights_only
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    torch.save({"w": torch.zeros(1), "x": Payload()}, tmp_path / "evil.pth")
+    fake = types.SimpleNamespace(VGG=lambda *a, **k: torch.nn.Linear(1, 1), make_layers=lambda: None)
+    monkeypatch.setitem(sys.modules, "torchvggish", fake)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        metrics.load_vggish(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()

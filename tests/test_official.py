@@ -146,3 +146,68 @@ def test_load_is_strict_with_one_line(released):
     with pytest.raises(official.OfficialFormatError, match="num_blocks_connector"):
         JointModel.from_official(v, a, dict(cfg, connector_video_config={**cfg["connector_video_config"],
                                                                          "num_blocks_connector": [2, 2]}), sd)
+
+
+def write_pipe(folder, weights="bin"):
+    """A released-layout pipe/ folder of tiny random models, each saved with save_pretrained as the official training
+    script does; unet_svg as the .bin the script writes, or as fp16 .safetensors."""
+    from diffusers import AutoencoderKL
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from base_models import _tiny, byte_tokenizers
+    torch.manual_seed(0)
+    parts, (tok_v, tok_a) = _tiny(), byte_tokenizers()
+    vae = lambda c, z, n: AutoencoderKL(in_channels=c, out_channels=c, latent_channels=z, block_out_channels=(8,) * n,
+                                        down_block_types=("DownEncoderBlock2D",) * n, layers_per_block=1,
+                                        up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=8)
+    hifigan = SpeechT5HifiGan(SpeechT5HifiGanConfig(model_in_dim=64, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
+                                                    upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3],
+                                                    resblock_dilation_sizes=[[1]], normalize_before=False))
+    saved = dict(unet_v=parts["video_unet"], unet_a=parts["audio_unet"], vae_v=vae(3, 4, 4), vae_a=vae(1, 8, 3),
+                 text_encoder_v=parts["text_encoder_v"], text_encoder_a=parts["text_encoder_a"], tokenizer_v=tok_v,
+                 tokenizer_a=tok_a, vocoder=hifigan)
+    for name, part in saved.items():
+        part.save_pretrained(folder / name)
+    model = JointModel(parts["video_unet"], parts["audio_unet"], time_align="index")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # no zero-init identity: the added modules really act
+    (folder / "unet_svg").mkdir()
+    config = {k: v for k, v in official.official_config(model).items() if k not in ("_time_align", "_fps")}
+    json.dump(config, open(folder / "unet_svg" / "config.json", "w"))
+    sd = official.added_state(model)
+    if weights == "bin":
+        torch.save(sd, folder / "unet_svg" / "diffusion_pytorch_model.bin")
+    else:
+        save_file({k: v.half().contiguous() for k, v in sd.items()}, folder / "unet_svg" / "diffusion_pytorch_model.safetensors")
+    return sd
+
+
+@pytest.mark.parametrize("weights", ["bin", "fp16"])
+def test_released_pipe_folder_samples_through_the_cli(tmp_path, weights):
+    import sample
+    from pipeline import SoundingVideoPipeline
+    sd = write_pipe(tmp_path / "pipe", weights)
+    pipe = SoundingVideoPipeline.from_pretrained(str(tmp_path / "pipe"), video_size=64)
+    got = official.added_state(pipe.model)
+    tol = 0 if weights == "bin" else 1e-3  # fp16 storage
+    assert got.keys() == sd.keys() and all((got[k] - sd[k]).abs().max() <= tol * (1 + sd[k].abs().max()) for k in sd)
+    assert pipe.model.config["time_align"] == "index" and pipe.model.audio_rows_multiple == 8
+    sample.main(["--ckpt", str(tmp_path / "pipe"), "--prompt", "A person is hitting a box.", "--steps", "2",
+                 "--video-size", "64", "--out", str(tmp_path / "out")])
+    row = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
+    frames, fps = __import__("av_align").read_video(tmp_path / "out" / row["file"])
+    assert frames.shape == (32, 64, 64, 3) and fps == 8 and row["kind"] == "released pipe/"
+
+
+def test_released_pipe_folder_with_a_renamed_key_fails_with_one_line(tmp_path):
+    write_pipe(tmp_path / "pipe", "fp16")
+    path = tmp_path / "pipe" / "unet_svg" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(path)
+    sd["connector_out_audio.4.2.weights"] = sd.pop("connector_out_audio.4.2.weight")
+    save_file(sd, path)
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "pipe"), "--prompt", "x",
+                        "--video-size", "64", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "connector_out_audio.4.2.weight" in lines[0], r.stderr[-1000:]

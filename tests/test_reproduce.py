@@ -1,5 +1,5 @@
 """scripts/reproduce.py (Table 1 in miniature) and scripts/fig2.py (Fig. 2): the `--quick` smoke test that CI runs,
-checked against outside computations (metrics.av_align on the raw synthetic clips, diffusers' own U-Net forwards and
+checked against outside computations (av_align.av_align on the raw synthetic clips, diffusers' own U-Net forwards and
 DDPMScheduler.add_noise, scipy's binomial test), plus resume-without-retraining."""
 import json
 import pathlib
@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import fig2  # noqa: E402
-import metrics  # noqa: E402
+import av_align  # noqa: E402
 import reproduce  # noqa: E402
 from synthetic import synthetic_clip  # noqa: E402
 
@@ -43,8 +43,8 @@ def test_bounds_match_metrics_on_the_raw_clips(quick):
     """Real pairs: AV-Align of data.py's test clips themselves; shuffled: each clip with its neighbour's audio."""
     out, res = quick
     clips = [synthetic_clip(10 ** 6 + i) for i in range(3)]  # data.py's test split
-    real = [metrics.av_align(c["frames"], 8, c["audio"], 16000) for c in clips]
-    shuffled = [metrics.av_align(clips[i]["frames"], 8, clips[i - 1]["audio"], 16000) for i in range(3)]
+    real = [av_align.av_align(c["frames"], 8, c["audio"], 16000) for c in clips]
+    shuffled = [av_align.av_align(clips[i]["frames"], 8, clips[i - 1]["audio"], 16000) for i in range(3)]
     assert res["rows"]["real"]["av_align"] == pytest.approx([np.mean(real)])
     assert res["rows"]["shuffled"]["av_align"] == pytest.approx([np.mean(shuffled)])
     assert np.mean(real) > np.mean(shuffled)  # hits are heard at their frames; a neighbour's hits are not

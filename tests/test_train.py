@@ -1,5 +1,4 @@
-"""Eq. (9) training on the tiny model: timesteps, text dropout, the loss going down, and exact stop-and-resume."""
-import json
+"""Eq. (9) training on the tiny model: timesteps, text dropout, the loss going down (exact resume: test_reliability)."""
 
 import pytest
 import torch
@@ -60,26 +59,3 @@ def test_a_few_steps_lower_the_loss(tiny):
         for n, p in params.items():
             p.copy_(saved[n])
     assert after < 0.95 * before, (before, after)
-
-
-def test_stop_and_resume_is_exact(tmp_path, monkeypatch):
-    common = ["--data", "synthetic", "--size", "tiny", "--base-steps", "0", "--batch-size", "2", "--num-clips", "6",
-              "--ckpt-every", "4", "--max-steps", "5"]  # tiny default: cosine lr, a function of (step, 5)
-    train.main(common + ["--out", str(tmp_path / "a")])
-    real = train.joint_loss
-
-    def ctrl_c_in_step_3(model, bases, batch, args, step, offset=0):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(model, bases, batch, args, step, offset)
-    monkeypatch.setattr(train, "joint_loss", ctrl_c_in_step_3)
-    with pytest.raises(SystemExit, match="continue with --resume"):  # Ctrl-C: checkpoint at step 2, one line
-        train.main(common + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(train, "joint_loss", real)
-    train.main(common + ["--out", str(tmp_path / "b"), "--resume"])  # ... and continue
-    read = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / d / "log_joint.jsonl"))}
-    a, b = read("a"), read("b")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]  # steps 3..5 cross an epoch boundary (3 batches per epoch)
-    assert all(a[s] == b[s] for s in a)
-    cfg = json.load(open(tmp_path / "b" / "joint" / "config.json"))
-    assert cfg["step"] == 5 and cfg["conditioner"] == "cmcpe"  # the config travels with every checkpoint
