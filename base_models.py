@@ -242,19 +242,19 @@ class BaseModels(nn.Module):
         text_v = self.text_encoder_v(ids.to(self.device))[0]
         tok = self.tokenizer_a(list(prompts), max_length=self.tokenizer_a.model_max_length, **kw).to(self.device)
         text_a = self.text_encoder_a(tok.input_ids, attention_mask=tok.attention_mask).text_embeds
-        return text_v, F.normalize(text_a, dim=-1)  # as AudioLDMPipeline._encode_prompt
+        return text_v.float(), F.normalize(text_a.float(), dim=-1)  # as AudioLDMPipeline._encode_prompt
 
     @staticmethod
     def _encode(vae, x):  # -> mean, std of the latent distribution, times the VAE's scaling_factor
-        if isinstance(vae, AutoencoderKL):
-            dist, s = vae.encode(x).latent_dist, vae.config.scaling_factor
-            return dist.mean * s, dist.std * s
+        if isinstance(vae, AutoencoderKL):  # in the VAE's dtype (bf16 when frozen weights are cast), out in float32
+            dist, s = vae.encode(x.to(vae.dtype)).latent_dist, vae.config.scaling_factor
+            return dist.mean.float() * s, dist.std.float() * s
         return vae.encode(x)  # tiny fixed maps are already unit-scale
 
     @staticmethod
     def _decode(vae, z):
         if isinstance(vae, AutoencoderKL):
-            return vae.decode(z / vae.config.scaling_factor).sample
+            return vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         return vae.decode(z)
 
     @torch.no_grad()
@@ -290,7 +290,8 @@ class BaseModels(nn.Module):
         """x_a (B, 8, rows, 16) -> VAE -> log-mel (B, 1, 4 rows, 64) -> vocoder -> waveform float32 (B, seconds*SR),
         cut after decoding (rows past `seconds`, the released model's padding, are decoded and dropped)."""
         mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 4 rows, 64) time-major, as the vocoder wants
-        wave = self.vocoder(mel).float()  # 4 s: HiFi-GAN gives 64032 samples (transposed-conv padding), GL 63840
+        w = next(self.vocoder.parameters(), None)  # HiFi-GAN in its dtype; Griffin-Lim (no weights) in float32
+        wave = self.vocoder(mel if w is None else mel.to(w.dtype)).float()  # 4 s: HiFi-GAN gives 64032 samples (transposed-conv padding), GL 63840
         n = round(seconds * SR)
         return F.pad(wave, (0, max(0, n - wave.shape[-1])))[:, :n]
 

@@ -126,6 +126,13 @@ class JointModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters()
                 if id(p) in added or (n.startswith("video_unet.") and "motion_modules" in n)]
 
+    def stage_parameters(self, stage):
+        """{name: param} a training stage updates: "joint" trainable_parameters(); "base" the two U-Nets (the tiny
+        size's first stage, which trains its random base models)."""
+        if stage == "base":
+            return {n: p for n, p in self.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
+        return dict(self.trainable_parameters())
+
     def set_trainable(self):
         """requires_grad True exactly for trainable_parameters(); the frozen U-Nets carry gradients but get none."""
         self.requires_grad_(False)
@@ -176,6 +183,17 @@ class JointModel(nn.Module):
         eps_v = video_forward(self.video_unet, x_v, t_v, text_v, insert_v, self.gradient_checkpointing)
         eps_a = audio_forward(self.audio_unet, x_a, t_a, text_a, insert_a, self.gradient_checkpointing)
         return eps_v, eps_a
+
+
+def cast_frozen(model, bases, dtype=torch.bfloat16):
+    """Store every frozen weight (the base U-Nets except the motion modules, VAEs, text encoders, vocoder) in dtype
+    and keep the trainable ones in float32: the diffusers examples' convention for --precision bf16 on CUDA (the
+    tiny size's fixed codecs and Griffin-Lim hold no weights). -> bytes saved."""
+    keep, saved = {id(p) for _, p in model.trainable_parameters()}, 0
+    for p in {id(p): p for m in (model, bases) for p in m.parameters()}.values():
+        if id(p) not in keep and p.dtype == torch.float32:
+            p.data, saved = p.data.to(dtype), saved + p.numel() * (4 - p.data.new_empty((), dtype=dtype).element_size())
+    return saved
 
 
 def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fps=8, time_align="seconds", ckpt=None,

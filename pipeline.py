@@ -26,28 +26,37 @@ class SoundingVideoPipeline:
     @classmethod
     def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, ema=True, size="pretrained", video_size=None):
         """path: a run folder written by train.py, a released pipe/ folder, or None (the base models with untrained,
-        i.e. identity, added modules: video and audio then come from the two base models independently)."""
-        from model import build_model
+        i.e. identity, added modules: video and audio then come from the two base models independently).
+        dtype: of the frozen weights (bf16 halves them on a GPU, model.cast_frozen); the added modules stay fp32."""
+        from model import build_model, cast_frozen
         from official import is_pipe
         if path is not None and is_pipe(path):
-            model, bases = build_model("pretrained", device=device, dtype=dtype, ckpt=path, video_size=video_size)
-            return cls(model, bases, dict(checkpoint=os.path.abspath(path), kind="released pipe/"))
-        if path is None:
-            model, bases = build_model(size, device=device, dtype=dtype)
-            return cls(model, bases, dict(checkpoint=None, kind=f"untrained {size}"))
+            model, bases = build_model("pretrained", device=device, ckpt=path, video_size=video_size)
+            source = dict(checkpoint=os.path.abspath(path), kind="released pipe/")
+        elif path is None:
+            model, bases = build_model(size, device=device)
+            source = dict(checkpoint=None, kind=f"untrained {size}")
+        else:
+            model, bases, source = cls._run(path, device, ema)
+        if dtype != torch.float32:
+            cast_frozen(model, bases, dtype)
+        return cls(model, bases, source)
+
+    @staticmethod
+    def _run(path, device, ema):
+        from model import build_model
         cfg = read_run_config(path)
-        model, bases = build_model(cfg["size"], cfg["conditioner"], device=device, dtype=dtype, fps=cfg["fps"],
+        model, bases = build_model(cfg["size"], cfg["conditioner"], device=device, fps=cfg["fps"],
                                    time_align=cfg.get("time_align", "seconds"), video_base=cfg["video_base"],
                                    motion_adapter=cfg["motion_adapter"], audio_base=cfg["audio_base"])
-        from train import stage_params
         steps = {}
         for stage in ("base", "joint") if cfg.get("base_steps", 0) > 0 else ("joint",):
             folder, steps[stage] = checkpoint.latest(path, stage)
             if folder is None:
                 raise checkpoint.CheckpointError(f"{path}: no complete {stage} checkpoint (the run's config has "
                                                  f"base_steps={cfg.get('base_steps', 0)})")
-            checkpoint.load_weights(model, folder, stage_params(model, stage), ema=ema)
-        return cls(model, bases, dict(checkpoint=os.path.abspath(path), kind="run", steps=steps, ema=ema))
+            checkpoint.load_weights(model, folder, model.stage_parameters(stage), ema=ema)
+        return model, bases, dict(checkpoint=os.path.abspath(path), kind="run", steps=steps, ema=ema)
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", num_inference_steps=25, gamma=1.5, guidance_scale_video=7.5,

@@ -133,7 +133,8 @@ def main(argv=None):
         print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio come from "
               "the two base models independently" + hint)
     try:
-        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, ema=not args.no_ema, size=args.size,
+        frozen = torch.bfloat16 if args.precision == "bf16" and args.device.startswith("cuda") else torch.float32
+        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, frozen, ema=not args.no_ema, size=args.size,
                                                      video_size=args.video_size)
     except (RuntimeError, ValueError) as e:  # weights offline, a damaged or foreign checkpoint: one line
         cli.fail(str(e) + hint)

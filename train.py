@@ -1,16 +1,13 @@
 """Training of the joint model: the loss of Eq. (9)-(10), Sec. 3.4, with the setup of Sec. 4.1.2 and App. A.2.
 
-Per step: draw t_v and t_a INDEPENDENTLY and uniformly from {1..T} (the paper; `--shared-t` draws one t for both, as
-the official code does), noise both latents with Eq. (2), run the joint model with self-conditioning (Chen et al.,
-2022, as the official code: with probability 0.5 a first no-grad pass gives x0_hat of Eq. (6) to the connectors, else
-zeros) and sum the two noise-prediction errors. Captions become "" with p = 0.1 (official code) for classifier-free
-guidance, per sample.
-
-Tiny size (offline demo): the tiny base U-Nets start random, so stage "base" first trains them alone (Eq. (7) for each
-model), then stage "joint" freezes them and trains the added modules and the motion modules, mirroring the paper's
-premise of pretrained base models. The tiny U-Nets predict v, so both stages regress on v there (timesteps.target;
-why: base_models.py); lr decays by a cosine. Multi-GPU: `torchrun --nproc_per_node N train.py ...` (DDP;
---batch-size is per GPU). Runs survive kills and resume exactly (checkpoint.py). Left out: LR warm-up.
+Per step: draw t_v and t_a INDEPENDENTLY and uniformly from {1..T} (the paper; `--shared-t`: one t for both, as the
+official code), noise both latents with Eq. (2), run the joint model with self-conditioning (Chen et al., 2022, as
+the official code: with p = 0.5 a first no-grad pass gives x0_hat of Eq. (6) to the connectors, else zeros) and sum
+the two noise-prediction errors. Captions become "" with p = 0.1 (official code) for classifier-free guidance.
+Tiny size (offline demo): stage "base" first trains the random tiny U-Nets alone (Eq. (7) each), then stage "joint"
+freezes them and trains the added and motion modules, as the paper starts from pretrained base models; the tiny
+U-Nets predict v (timesteps.target; why: base_models.py), lr decays by a cosine. Multi-GPU: `torchrun
+--nproc_per_node N train.py ...` (DDP; --batch-size per GPU). Runs survive kills (checkpoint.py). Left out: warm-up.
 """
 import contextlib
 import json
@@ -157,17 +154,10 @@ def on_signal(signum, frame):
     raise Interrupted(signum)
 
 
-def stage_params(model, stage):
-    """What a stage trains: "base" the two U-Nets (tiny size only), "joint" the added + motion modules (App. A.2)."""
-    if stage == "base":
-        return {n: p for n, p in model.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
-    return dict(model.trainable_parameters())
-
-
 def train_stage(stage, model, bases, dataset, steps, args):
     """One loop for both stages: Adam on the stage's parameters, EMA, AMP, DDP, gradient accumulation and
     clipping, kill-safe checkpoints, exact resume."""
-    params, rank, world, out = stage_params(model, stage), args.rank, args.world_size, args.out
+    params, rank, world, out = model.stage_parameters(stage), args.rank, args.world_size, args.out
     model.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
@@ -268,7 +258,7 @@ def main(argv=None):
 def run(args):
     from cache import CachedClips
     from data import build_dataset
-    from model import build_model
+    from model import build_model, cast_frozen
     try:  # the data before the weights: a bad --root fails in seconds, not after minutes of loading
         dataset = CachedClips(args.cache, args.size, args.fps) if args.cache else build_dataset(
             args.data, "train", root=args.root, flist=args.flist, fps=args.fps, size=64 if args.size == "tiny" else 256,
@@ -294,6 +284,8 @@ def run(args):
         cli.fail(str(e))
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()
+    if args.precision == "bf16" and args.device.startswith("cuda") and args.size != "tiny":  # tiny trains its U-Nets
+        print(f"frozen weights stored in bf16: {cast_frozen(model, bases) / 2 ** 30:.2f} GiB saved")
     joint = args.max_steps if args.max_steps is not None else args.epochs * (len(dataset) // G)
     stages = [(s, n) for s, n in (("base", args.base_steps), ("joint", joint)) if n > 0]  # base: tiny only, Eq. (7)
     for stage, steps in stages:
@@ -301,7 +293,7 @@ def run(args):
         if args.world_size > 1:
             torch.distributed.barrier()  # rank 0 has written the checkpoint
         if stage == "base":  # freeze the EMA base models
-            checkpoint.load_weights(model, checkpoint.latest(args.out, "base")[0], stage_params(model, "base"))
+            checkpoint.load_weights(model, checkpoint.latest(args.out, "base")[0], model.stage_parameters("base"))
     if args.rank == 0:
         print(f"done: {' + '.join(s for s, _ in stages)} in {args.out} (sample with: python sample.py --ckpt "
               f"{args.out} --prompt ...)")

@@ -107,7 +107,8 @@ def sampling_inputs(b, bases, frames, batch=2):
     """Batch 2 = CFG's [unconditional; conditional] for one clip, at local timestep index 500, self-conditioned."""
     g, h = torch.Generator().manual_seed(0), bases.video_size // 8
     rand = lambda *s: torch.randn(*s, generator=g).to(b.dev)
-    x_v, x_a = rand(batch, 4, frames, h, h), rand(batch, 8, 100, 16)  # (B, 4, F, h, w), (B, 8, T, 16)
+    rows = bases.audio_rows(frames / bases.fps)  # the audio as long as the video: 100 latent rows for 4 s
+    x_v, x_a = rand(batch, 4, frames, h, h), rand(batch, 8, rows, 16)  # (B, 4, F, h, w), (B, 8, T, 16)
     text_v, text_a = bases.encode_text([""] * (batch // 2) + [PROMPT] * (batch - batch // 2))
     return dict(x_v=x_v, x_a=x_a, t=torch.full((batch,), 500, device=b.dev), text_v=text_v, text_a=text_a,
                 x0_v=rand(*x_v.shape), x0_a=rand(*x_a.shape))
@@ -115,7 +116,11 @@ def sampling_inputs(b, bases, frames, batch=2):
 
 def forwards(model, i, frames):
     """(joint forward, base U-Nets forward, video U-Net alone, audio U-Net alone) as closures, no grad."""
-    joint = lambda: model(i["x_v"], i["x_a"], i["t"], i["t"], i["text_v"], i["text_a"], i["x0_v"], i["x0_a"])
+    def joint():  # as sample.generate: the connectors once for both CFG halves (they see no text)
+        n = len(i["x_v"]) // 2 or 1
+        ctx = model.contexts(*(i[k][:n] for k in ("x_v", "x_a", "t", "t", "x0_v", "x0_a")))
+        return model(i["x_v"], i["x_a"], i["t"], i["t"], i["text_v"], i["text_a"],
+                     context=tuple(torch.cat([c] * (len(i["x_v"]) // n)) for c in ctx))
     video = lambda: model.video_unet(i["x_v"], i["t"], encoder_hidden_states=i["text_v"].repeat_interleave(frames, 0))
     audio = lambda: model.audio_unet(i["x_a"], i["t"], encoder_hidden_states=None, class_labels=i["text_a"])
     return joint, lambda: (video(), audio()), video, audio
@@ -180,7 +185,8 @@ def section_activations(b, size, frames):
     hooks = (torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: stack.append(names.get(id(m), ""))),
              torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: (stack.pop(), None)[1]))
     h = bases.video_size // 8
-    x_v, x_a = torch.randn(1, 4, frames, h, h, device="meta"), torch.randn(1, 8, 100, 16, device="meta")
+    x_v = torch.randn(1, 4, frames, h, h, device="meta")
+    x_a = torch.randn(1, 8, bases.audio_rows(frames / bases.fps), 16, device="meta")
     t, text_v = torch.full((1,), 500, device="meta"), torch.randn(1, 77, model.video_unet.config.cross_attention_dim,
                                                                    device="meta")
     text_a = torch.randn(1, model.audio_unet.config.projection_class_embeddings_input_dim, device="meta")
@@ -231,7 +237,7 @@ def section_sampling(b, model, bases, frames):
         u.set_attn_processor(s)
     if b.left() < b.args.est_step * (b.args.steps + 10):
         b.out["skipped"].append("sampling per clip"); return
-    run = lambda steps: generate(model, bases, [PROMPT], [0], T=steps, bar=False, amp=b.amp, seconds=frames // bases.fps)
+    run = lambda steps: generate(model, bases, [PROMPT], [0], T=steps, bar=False, amp=b.amp, seconds=frames / bases.fps)
     run(2)  # warm-up of the whole path (text encoders, DDIM update)
     b.sync()
     t = time.perf_counter()
@@ -242,7 +248,8 @@ def section_sampling(b, model, bases, frames):
         b.reset_peak()
         b.record("sampling", f"VAE decode, chunk {chunk} frames", b.time(lambda: bases.decode_video(x_v, chunk), 2), "s",
                  f"peak {b.peak_gib()} GiB" if b.cuda else "")
-    b.record("sampling", "vocoder (VAE + HiFi-GAN / Griffin-Lim)", b.time(lambda: bases.decode_audio(x_a), 2), "s")
+    b.record("sampling", "vocoder (VAE + HiFi-GAN / Griffin-Lim)",
+             b.time(lambda: bases.decode_audio(x_a, frames / bases.fps), 2), "s")
 
 
 def section_train(b, model, bases, frames):

@@ -170,7 +170,7 @@ def load(a, out, conditioner, run=None):
     model, bases = build_model("tiny", conditioner, device=a.device)
     folders = [("base", out / "runs" / "base-only")] + ([("joint", out / "runs" / run)] if run is not None else [])
     for stage, folder in folders:  # the frozen, trained base models; then the added modules + motion modules
-        checkpoint.load_weights(model, checkpoint.latest(folder, stage)[0], train.stage_params(model, stage))
+        checkpoint.load_weights(model, checkpoint.latest(folder, stage)[0], model.stage_parameters(stage))
     return model.eval(), bases
 
 

@@ -160,7 +160,7 @@ def test_one_process_per_run_and_no_silent_restart(tmp_path, capsys):
 def test_weights_load_strictly_both_ways(tmp_path):
     from model import build_model
     model, _ = build_model("tiny")
-    names = train.stage_params(model, "joint")
+    names = model.stage_parameters("joint")
     good = {n: p.detach() for n, p in names.items()}
     for bad, why in (({}, "tensors missing"), ({**good, "extra.weight": torch.zeros(1)}, "1 unexpected"),
                      ({**good, "blocks_v.0.proj_out.weight": torch.zeros(3)}, "blocks_v.0.proj_out.weight has shape")):
