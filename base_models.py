@@ -30,6 +30,7 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                           RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig)
+from safetensors.torch import load_file
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from cli import BASES, hub_reachable
@@ -195,7 +196,8 @@ def _pretrained(video_base, motion_adapter, audio_base):
                     tokenizer_v=CLIPTokenizer.from_pretrained(video_base, subfolder="tokenizer", **kw),
                     audio_unet=UNet2DConditionModel.from_pretrained(audio_base, subfolder="unet", **d),
                     vae_a=AutoencoderKL.from_pretrained(audio_base, subfolder="vae", **d),
-                    text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder", **kw),
+                    text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder",
+                                                                               **kw),
                     tokenizer_a=RobertaTokenizer.from_pretrained(audio_base, subfolder="tokenizer", **kw),
                     vocoder=SpeechT5HifiGan.from_pretrained(audio_base, subfolder="vocoder", **kw))
     ids = [i for i in (video_base, motion_adapter, audio_base) if not os.path.isdir(i)]
@@ -233,6 +235,13 @@ class BaseModels(nn.Module):
     @property
     def device(self):
         return self.alphas_cumprod_v.device
+
+    @property
+    def latent_size(self):
+        """H = W of a video latent: SD's VAE and the tiny codec downsample 8x (32 for 256x256 frames)."""
+        vae = self.vae_v
+        factor = vae.factor if isinstance(vae, PoolVideoAE) else 2 ** (len(vae.config.block_out_channels) - 1)
+        return self.video_size // factor
 
     @torch.no_grad()
     def encode_text(self, prompts):
@@ -291,14 +300,16 @@ class BaseModels(nn.Module):
         cut after decoding (rows past `seconds`, the released model's padding, are decoded and dropped)."""
         mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 4 rows, 64) time-major, as the vocoder wants
         w = next(self.vocoder.parameters(), None)  # HiFi-GAN in its dtype; Griffin-Lim (no weights) in float32
-        wave = self.vocoder(mel if w is None else mel.to(w.dtype)).float()  # 4 s: HiFi-GAN gives 64032 samples (transposed-conv padding), GL 63840
+        wave = self.vocoder(mel if w is None else mel.to(w.dtype)).float()  # 4 s: HiFi-GAN 64032 samples, GL 63840
         n = round(seconds * SR)
         return F.pad(wave, (0, max(0, n - wave.shape[-1])))[:, :n]
 
 
 def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=BASES["video_base"],
-                     motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"]):
-    """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring)."""
+                     motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"], tiny_bases=None):
+    """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring). tiny_bases: a
+    safetensors file of trained tiny U-Nets ("video_unet.*", "audio_unet.*"; cli.TINY_BASES is the shipped one),
+    or None for random ones."""
     device = torch.device(device)
     if size == "pretrained":
         parts = _pretrained(video_base, motion_adapter, audio_base)
@@ -308,9 +319,26 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=
             parts = _tiny() if size == "tiny" else _full()
         # "full" reuses the byte-level tokenizers: random text encoders need no real vocabulary
         parts["tokenizer_v"], parts["tokenizer_a"] = byte_tokenizers()
+        if size == "tiny" and tiny_bases:
+            load_tiny_bases(parts, tiny_bases)
     else:
         raise ValueError(f"size must be 'tiny', 'full' or 'pretrained', not {size!r}")
     return assemble(parts, size, device, dtype, fps, 64 if size == "tiny" else 256)  # paper: 256x256 frames
+
+
+def load_tiny_bases(parts, path):
+    """Trained tiny U-Nets into parts, strictly (every tensor present, none extra, same shapes); one-line errors."""
+    try:
+        sd = load_file(path)
+    except Exception as e:
+        raise WeightsNotFound(f"tiny base models {path}: cannot be read ({type(e).__name__})") from None
+    for name in ("video_unet", "audio_unet"):
+        own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        try:
+            parts[name].load_state_dict({k: v.float() for k, v in own.items()}, strict=True)
+        except RuntimeError as e:
+            raise WeightsNotFound(f"tiny base models {path}: not this {name} ({str(e).splitlines()[1][:150]})") \
+                from None
 
 
 def assemble(parts, size, device, dtype, fps, video_size, schedulers=None):

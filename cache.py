@@ -4,7 +4,8 @@ Not in the paper: an engineering step (issue 6). The official code re-encodes ev
 text encoders at every step, although those networks never train (App. A.2): their outputs depend on the clip alone.
 We store the latent distribution's mean and std, not a sample, so training still draws x_0 = mean + std * noise with
 its own seeded noise per step, exactly as on the fly (train.joint_loss); and the text embeddings of each distinct
-caption plus of the empty caption "", which classifier-free-guidance dropout (Sec. 4.1.2) substitutes per sample.
+caption plus of the empty caption "", which classifier-free-guidance caption dropout (p = 0.1: the official code, not
+the paper) substitutes per sample.
 
   python cache.py --data synthetic --size tiny --out cache/synthetic-tiny
   python train.py --data synthetic --size tiny --cache cache/synthetic-tiny

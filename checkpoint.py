@@ -22,8 +22,16 @@ STAGES = ("joint", "base")
 TRAJECTORY = ("data", "root", "flist", "cache", "num_clips", "size", "conditioner", "time_align", "video_base",
               "motion_adapter", "audio_base", "fps", "batch_size", "grad_accum", "world_size", "lr", "lr_schedule",
               "optimizer", "max_grad_norm", "p_self_cond", "p_uncond", "shared_t", "ema_decay", "precision", "seed",
-              "base_steps")
+              "base_steps", "tiny_bases")
 SUFFIXES = ("", ".tmp", ".old")
+
+
+class Interrupted(Exception):
+    """Raised by on_signal, the SIGINT / SIGTERM handler train.py installs: its loop saves a checkpoint, then exits."""
+
+
+def on_signal(signum, frame):
+    raise Interrupted(signum)
 
 
 class CheckpointError(ValueError):
@@ -153,7 +161,8 @@ def check_resume(out, args, resume, allow_changed):
     if found and not allow_changed:
         old = json.load(open(os.path.join(found[0][1], "config.json")))
         keys = TRAJECTORY + (("max_steps", "epochs") if args["lr_schedule"] == "cosine" else ())  # lr(step) changes
-        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys if old.get(k) != args.get(k)]
+        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys
+                   if old.get(k) != args.get(k)]
         if changed:
             raise CheckpointError(f"--resume would change the run's trajectory: {'; '.join(changed)} "
                                   "(--allow-changed-args accepts that)")

@@ -15,6 +15,11 @@ BASES = dict(video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
              motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2", audio_base="cvssp/audioldm-m-full")
 
 
+# the tiny base models, trained once on the synthetic clips (docs/results.md says how): the tiny size's "pretrained"
+# AnimateDiff and AudioLDM, so that the demo trains what the paper trains
+TINY_BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny_bases.safetensors")
+
+
 def add_base_args(p):
     for k, v in BASES.items():
         p.add_argument("--" + k.replace("_", "-"), default=v, help=f"hub id or local folder (default {v})")
@@ -74,7 +79,7 @@ def hub_reachable(timeout=3.0):
         return False
 
 
-def check_weights(video_base, motion_adapter, audio_base):
+def check_weights(video_base, motion_adapter, audio_base, hint=""):
     """Fail at once (not after the hub client's retries) when the pretrained base models are neither local folders,
     nor in the Hugging Face cache, nor downloadable now."""
     from huggingface_hub import try_to_load_from_cache
@@ -83,4 +88,4 @@ def check_weights(video_base, motion_adapter, audio_base):
     if absent and not hub_reachable():
         fail("pretrained weights not in the local cache and the hub is unreachable; get them with " +
              ", ".join(f"`hf download {i}`" for i in absent) + " (or pass local folders: --video-base, "
-             "--motion-adapter, --audio-base)")
+             "--motion-adapter, --audio-base)" + hint)

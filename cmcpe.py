@@ -116,7 +116,7 @@ class CMCPE(nn.Module):
         seconds per time step of h and of ctx (used by time_align="seconds")."""
         if self.video:
             if num_frames is None or h.shape[0] % num_frames:
-                raise ValueError(f"video features (B*F, C, H, W) need num_frames dividing {h.shape[0]}, got {num_frames}")
+                raise ValueError(f"video features (B*F, C, H, W): num_frames must divide {len(h)}, not {num_frames}")
             x = h.unflatten(0, (-1, num_frames)).flatten(3).transpose(2, 3)  # (B*F, C, H, W) -> (B, F, H*W, C)
         else:
             x = h.permute(0, 2, 3, 1)  # (B, C, T, M) -> (B, T, M, C)

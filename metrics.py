@@ -164,13 +164,15 @@ def main(argv=None):
     ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when missing and online)")
     ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when missing and online)")
     ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when missing and online)")
-    ap.add_argument("--workers", type=cli.number(int, 1), default=os.cpu_count(), help="AV-Align processes, one clip each")
+    ap.add_argument("--workers", type=cli.number(int, 1), default=os.cpu_count(), help="AV-Align processes")
     ap.add_argument("--seed", type=cli.number(int, 0), default=0, help="FVD: random 16-frame offsets of the real clips")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if unknown := set(wanted := args.metrics.split(",")) - {"av_align", "fvd", "fad", "imagebind"}:
         cli.fail(f"unknown metric(s) {sorted(unknown)}; choose from av_align,fvd,fad,imagebind")
-    [cli.existing(d, "--gen / --ref", "dir") for d in (args.gen, args.ref) if d]
+    for d in (args.gen, args.ref):
+        if d:
+            cli.existing(d, "--gen / --ref", "dir")
     if not (gen := sorted(Path(args.gen).glob("*.mp4"))):
         cli.fail(f"no .mp4 files in {args.gen}")
     caps = {}

@@ -192,7 +192,7 @@ def cast_frozen(model, bases, dtype=torch.bfloat16):
     keep, saved = {id(p) for _, p in model.trainable_parameters()}, 0
     for p in {id(p): p for m in (model, bases) for p in m.parameters()}.values():
         if id(p) not in keep and p.dtype == torch.float32:
-            p.data, saved = p.data.to(dtype), saved + p.numel() * (4 - p.data.new_empty((), dtype=dtype).element_size())
+            p.data, saved = p.data.to(dtype), saved + p.numel() * (4 - torch.finfo(dtype).bits // 8)
     return saved
 
 

@@ -23,7 +23,8 @@ IN_TYPE = {"additive": "cmcpe", "attn": "crossattn"}  # released connector_in_ty
 MODALITY = {"v": "video", "a": "audio"}
 BLOCK = ("0.2", "0.3", "1.0", "1.1")  # released (down|up list, block index) of POINTS
 INNER = ("attn_c", "attn_s", "attn1", "attn2", "ff", "norm1", "norm2", "norm3")  # released: inside transformer_blocks.0
-STAGE = {"conv_in": "0.0", "down": "2.0.op", "out": "4", "res1": "1.0", "res2": "3.0", "attn1": "1.0.1", "attn2": "3.0.1"}
+STAGE = {"conv_in": "0.0", "down": "2.0.op", "out": "4", "res1": "1.0", "res2": "3.0",  # released connector stages
+         "attn1": "1.0.1", "attn2": "3.0.1"}
 
 
 class OfficialFormatError(ValueError):
@@ -62,7 +63,8 @@ def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
     for name, c in (("video", cv), ("audio", ca)):
         for k, want in RELEASED.items():
             if c.get(k, want) != want:
-                raise OfficialFormatError(f"unet_svg connector_{name}_config {k}={c[k]!r} is not supported (only {want!r})")
+                raise OfficialFormatError(f"unet_svg connector_{name}_config {k}={c[k]!r} is not supported (only "
+                                          f"{want!r})")
     if cv.get("connector_in_type") not in IN_TYPE or ca.get("connector_in_type") != cv["connector_in_type"]:
         raise OfficialFormatError(f"unet_svg connector_in_type must be 'additive' or 'attn' for both, got "
                                   f"{cv.get('connector_in_type')!r} / {ca.get('connector_in_type')!r}")
@@ -72,7 +74,7 @@ def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
         for k in ("block_out_channels", "in_channels"):
             have, want = as_list(unet.config[k]), as_list(base.get(k, unet.config[k]))
             if want != have:
-                raise OfficialFormatError(f"unet_svg was built for a {m} U-Net with {k}={want}, the given one has {have}")
+                raise OfficialFormatError(f"unet_svg was built for a {m} U-Net with {k}={want}, this one has {have}")
         head_dim[m] = base.get("attention_head_dim", 8)  # released: read as the per-head width of the added blocks
     if head_dim["video"] != head_dim["audio"]:
         raise OfficialFormatError(f"unet_svg: attention_head_dim differs between the U-Nets ({head_dim})")
@@ -121,8 +123,8 @@ def export_official(model, folder):
     if model.config["time_align"] != "index":
         print(f"note: {folder}: this model resamples by seconds; the official code resamples by index, so it will "
               "compute a slightly different function there (ours reads '_time_align' back)")
-    for name, write in (("diffusion_pytorch_model.safetensors",
-                         lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in added_state(model).items()}, p)),
+    tensors = {k: v.detach().cpu().contiguous() for k, v in added_state(model).items()}
+    for name, write in (("diffusion_pytorch_model.safetensors", lambda p: save_file(tensors, p)),
                         ("config.json", lambda p: open(p, "w").write(json.dumps(official_config(model), indent=2)))):
         write(os.path.join(folder, name + ".tmp"))
         os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
@@ -155,7 +157,8 @@ def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None)
     """A released pipe/ folder -> (JointModel, BaseModels), everything from it: its unet_v carries the trained
     motion modules (App. A.2), so it replaces the public adapter; scheduler_v/_a are read if present."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNetMotionModel
-    from transformers import ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer, SpeechT5HifiGan
+    from transformers import (ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer,
+                              SpeechT5HifiGan)
 
     from base_models import assemble
     from model import JointModel
@@ -169,7 +172,8 @@ def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None)
         try:
             parts[name] = cls.from_pretrained(os.path.join(folder, name), **kw)
         except (OSError, ValueError) as e:
-            raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__} ({type(e).__name__})") from None
+            raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__} ({type(e).__name__})") \
+                from None
     schedulers = {m: DDIMScheduler.from_pretrained(os.path.join(folder, f"scheduler_{m}")).config
                   for m in "va" if os.path.isdir(os.path.join(folder, f"scheduler_{m}"))}
     bases = assemble(dict(video_unet=parts.pop("unet_v"), audio_unet=parts.pop("unet_a"), **parts), "pretrained",

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import checkpoint
+from cli import TINY_BASES
 
 
 class SoundingVideoPipeline:
@@ -24,7 +25,8 @@ class SoundingVideoPipeline:
         self.model, self.bases, self.source = model.eval(), bases, source  # source: what was loaded, for the record
 
     @classmethod
-    def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, ema=True, size="pretrained", video_size=None):
+    def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, ema=True, size="pretrained",
+                        video_size=None):
         """path: a run folder written by train.py, a released pipe/ folder, or None (the base models with untrained,
         i.e. identity, added modules: video and audio then come from the two base models independently).
         dtype: of the frozen weights (bf16 halves them on a GPU, model.cast_frozen); the added modules stay fp32."""
@@ -33,8 +35,9 @@ class SoundingVideoPipeline:
         if path is not None and is_pipe(path):
             model, bases = build_model("pretrained", device=device, ckpt=path, video_size=video_size)
             source = dict(checkpoint=os.path.abspath(path), kind="released pipe/")
-        elif path is None:
-            model, bases = build_model(size, device=device)
+        elif path is None:  # the base models alone (tiny: the shipped ones)
+            shipped = TINY_BASES if size == "tiny" and os.path.isfile(TINY_BASES) else None
+            model, bases = build_model(size, device=device, tiny_bases=shipped)
             source = dict(checkpoint=None, kind=f"untrained {size}")
         else:
             model, bases, source = cls._run(path, device, ema)
@@ -48,7 +51,8 @@ class SoundingVideoPipeline:
         cfg = read_run_config(path)
         model, bases = build_model(cfg["size"], cfg["conditioner"], device=device, fps=cfg["fps"],
                                    time_align=cfg.get("time_align", "seconds"), video_base=cfg["video_base"],
-                                   motion_adapter=cfg["motion_adapter"], audio_base=cfg["audio_base"])
+                                   motion_adapter=cfg["motion_adapter"], audio_base=cfg["audio_base"],
+                                   tiny_bases=cfg.get("tiny_bases"))
         steps = {}
         for stage in ("base", "joint") if cfg.get("base_steps", 0) > 0 else ("joint",):
             folder, steps[stage] = checkpoint.latest(path, stage)
@@ -107,7 +111,8 @@ def read_run_config(run):
                                          "train.py, or a released pipe/ folder)")
     try:
         cfg = json.load(open(os.path.join(folder, "config.json")))
-        missing = [k for k in ("size", "conditioner", "fps", "video_base", "motion_adapter", "audio_base") if k not in cfg]
+        missing = [k for k in ("size", "conditioner", "fps", "video_base", "motion_adapter", "audio_base")
+                   if k not in cfg]
     except (OSError, ValueError, TypeError) as e:
         raise checkpoint.CheckpointError(f"{folder}/config.json: {type(e).__name__}") from None
     if missing:

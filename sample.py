@@ -30,7 +30,7 @@ def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guid
     dev, B, P = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type
     text_v, text_a = bases.encode_text(list(prompts))
     null_v, null_a = bases.encode_text([negative] * B)
-    F_, h = round(seconds * bases.fps), bases.video_size // 8  # 4-s clips (Sec. 4.1.2); both video autoencoders: 8x
+    F_, h = round(seconds * bases.fps), bases.latent_size  # 4-s clips (Sec. 4.1.2); latent H = W
     k = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training, noise in it
     rows = math.ceil(bases.audio_rows(seconds) / k) * k  # 100 latent rows (4 mel frames of 10 ms each) for 4 s
     noise = [torch.Generator().manual_seed(s) for s in seeds]
@@ -59,7 +59,7 @@ def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guid
 def parse_args(argv=None):
     p, pos = cli.Parser(description=__doc__.split("\n")[0]), cli.number(int, 1)
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--captions", default=None, help="file list <clip>,\"<caption>\" (the official format) or one per line")
+    p.add_argument("--captions", default=None, help="<clip>,\"<caption>\" lines (the official lists) or one per line")
     p.add_argument("--num-samples", type=pos, default=1, help="samples per prompt")
     p.add_argument("--batch-size", type=pos, default=4)
     p.add_argument("--seed", type=cli.number(int, 0), default=0)
@@ -99,8 +99,10 @@ def parse_args(argv=None):
         except checkpoint.CheckpointError as e:
             cli.fail(str(e))
     bases = args.trained if args.ckpt else dict(cli.BASES, size=args.size)
+    runs = sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob("runs/*/joint/COMPLETE"))
+    args.hint = f"; a trained run is at {runs[0]}: --ckpt {runs[0]}" if runs and not args.ckpt else ""
     if bases and bases["size"] == "pretrained":
-        cli.check_weights(bases["video_base"], bases["motion_adapter"], bases["audio_base"])
+        cli.check_weights(bases["video_base"], bases["motion_adapter"], bases["audio_base"], args.hint)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     cli.writable_dir(args.out, "--out")
     old = os.path.join(args.out, "manifest.jsonl")
@@ -125,19 +127,17 @@ def write_index(out, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(json.dumps({k: v for k, v in vars(args).items() if k != "trained"}, indent=1))
+    print(json.dumps({k: v for k, v in vars(args).items() if k not in ("trained", "hint")}, indent=1))
     from pipeline import SoundingVideoPipeline
-    runs = sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob("runs/*/joint/COMPLETE"))
-    hint = f" (a trained run is at {runs[0]}: --ckpt {runs[0]})" if runs and not args.ckpt else ""
     if not args.ckpt:
         print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio come from "
-              "the two base models independently" + hint)
+              "the two base models independently" + args.hint)
     try:
         frozen = torch.bfloat16 if args.precision == "bf16" and args.device.startswith("cuda") else torch.float32
-        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, frozen, ema=not args.no_ema, size=args.size,
-                                                     video_size=args.video_size)
+        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, frozen, ema=not args.no_ema,
+                                                     size=args.size, video_size=args.video_size)
     except (RuntimeError, ValueError) as e:  # weights offline, a damaged or foreign checkpoint: one line
-        cli.fail(str(e) + hint)
+        cli.fail(str(e) + args.hint)
     manifest = os.path.join(args.out, "manifest.jsonl")
     if os.path.exists(manifest):  # --overwrite: the earlier run's clips go, so the folder holds one run only
         for row in map(json.loads, open(manifest)):
@@ -157,7 +157,8 @@ def main(argv=None):
                       guidance_video=args.guidance_video, guidance_audio=args.guidance_audio,
                       negative_prompt=args.negative_prompt, seconds=args.seconds, checkpoint=pipe.source["checkpoint"],
                       kind=pipe.source["kind"], trained_steps=pipe.source.get("steps"), ema=not args.no_ema,
-                      created=time.strftime("%Y-%m-%dT%H:%M:%S")) for n, p, s in zip(names, res["prompts"], res["seeds"])]
+                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                 for n, p, s in zip(names, res["prompts"], res["seeds"])]
         with open(manifest + ".tmp", "w") as f:  # after every gamma: what is on disk is always listed
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(manifest + ".tmp", manifest)

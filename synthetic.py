@@ -49,13 +49,16 @@ def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
     for k in hits:
         low[k: k + 7] = np.maximum(low[k: k + 7], STROKE)
     frames = np.repeat(np.clip(img, 0, 255)[None].astype(np.uint8), n_f, 0)  # (F, H, W, 3)
-    grain, x0 = rng.uniform(-30, 30, (s + s // 8, s, 1)), int(round(cx * s))  # the stick's grain moves with it
-    hw, head_w, head_h = max(1, s // 16), s // 3, max(2, s // 8)
+    grain, x0 = rng.uniform(-30, 30, (2 * s, s, 1)), int(round(cx * s))  # the stick's grain moves with it
+    # a head of 3 x 1.5 latent cells (24 x 12 px at 64x64): its strike survives the tiny codec's 8x8 averaging
+    hw, head_w, head_h, top_px = max(1, s // 16), 3 * s // 8, max(2, 3 * s // 16), int(round(top * s))
+    rest = min(14 * s / 64, top_px - head_h - 1)  # head 14/64 above the object at rest (less above a tall ball)
     for f in range(n_f):
-        bottom = int(round((top - (14 - low[f + 3]) / 64) * s))  # head's lower edge, 14/64 above the object at rest
-        handle, head = grain[s - bottom + head_h: s, : 2 * hw], grain[s: s + head_h, : head_w // 2 * 2]
-        frames[f, : bottom - head_h, x0 - hw: x0 + hw] = np.clip(handle + (95, 60, 30), 0, 255)  # dark brown
-        frames[f, bottom - head_h: bottom, x0 - head_w // 2: x0 + head_w // 2] = np.clip(head + (45, 45, 50), 0, 255)
+        bottom = top_px - int(round(rest * (1 - low[f + 3] / 14)))  # head's lower edge; on the object at a hit
+        b0 = max(0, bottom - head_h)
+        frames[f, :b0, x0 - hw: x0 + hw] = np.clip(grain[s - b0: s, :2 * hw] + (95, 60, 30), 0, 255)  # dark brown
+        frames[f, b0:bottom, x0 - head_w // 2: x0 + head_w // 2] = np.clip(
+            grain[s: s + bottom - b0, : head_w // 2 * 2] + (45, 45, 50), 0, 255)
     # --- sound: per hit an onset noise burst plus modal decaying sinusoids starting exactly at k / fps
     (f_lo, f_hi), ratios, decays, click = MATERIALS[material]
     f0, audio = rng.uniform(f_lo, f_hi), np.zeros(n_a)

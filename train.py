@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--time-align", default="seconds", choices=["seconds", "index"],
                    help="CMC-PE context onto feature time: by seconds (ours) or by index (the released model)")
     cli.add_base_args(p)  # --video-base, --motion-adapter, --audio-base (cli.BASES)
+    p.add_argument("--tiny-bases", default=cli.TINY_BASES, help="tiny: trained base U-Nets, or 'random' (stage base)")
     p.add_argument("--fps", type=pos, default=None, help="8 for GreatestHits (4.1.2), 4 for Landscape/VGGSound (4.2.1)")
     p.add_argument("--batch-size", type=pos, default=None, help="per GPU and micro-batch; 16 in all (Sec. 4.1.2)")
     p.add_argument("--grad-accum", type=pos, default=1, help="micro-batches per step (official script: 2)")
@@ -64,10 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
-    # tiny: 700 + 200 steps (README); the rest is Sec. 4.1.2
+    args.tiny_bases = None if not tiny or args.tiny_bases == "random" else args.tiny_bases
+    # tiny: 200 joint steps on the shipped base models (or 700 base steps first from random ones); else Sec. 4.1.2
     defaults = dict(fps=4 if args.data in ("landscape", "vggsound") else 8, batch_size=8 if tiny else 16,
                     lr=1e-3 if tiny else 1e-5, lr_schedule="cosine" if tiny else "constant",
-                    base_steps=700 if tiny else 0, max_steps=200 if tiny else None,
+                    base_steps=700 if tiny and not args.tiny_bases else 0, max_steps=200 if tiny else None,
                     num_workers=0 if tiny else 4, precision="bf16" if args.device.startswith("cuda") else "fp32",
                     out=f"runs/{args.data}-{args.size}-{args.conditioner}")
     for k, v in defaults.items():
@@ -81,8 +83,9 @@ def parse_args(argv=None):
         cli.existing(os.path.join(args.cache, "index.json"), "--cache (a folder written by cache.py)")
     elif args.data != "synthetic":
         cli.existing(args.root, "--root (a folder of clips, see data.py prepare)", "dir")
-        if args.flist:
-            cli.existing(args.flist, "--flist")
+    for path, what in ((args.flist, "--flist"), (args.tiny_bases, "--tiny-bases")):
+        if path:
+            cli.existing(path, what)
     if args.max_steps == 0 and args.base_steps == 0:
         cli.fail("--max-steps 0 and --base-steps 0: nothing to train")
     if args.size == "pretrained":
@@ -125,7 +128,7 @@ def joint_loss(model, bases, batch, args, step, offset=0, joint=True):
     xt_a = F.pad(xt_a, (0, 0, 0, -rows % k))  # time_align "index": zero rows to a multiple of 8, as released
     tv, ta = (t_v - 1).to(dev), (t_a - 1).to(dev)  # paper timestep -> diffusers index (timesteps.py)
     x0_v = x0_a = None
-    coin = torch.Generator().manual_seed((args.seed << 40) + (step << 16) + 65535)  # one draw per step, same on all GPUs
+    coin = torch.Generator().manual_seed((args.seed << 40) + (step << 16) + 65535)  # one draw per step, on all GPUs
     if joint and torch.rand((), generator=coin).item() < args.p_self_cond:  # self-conditioning (Chen et al., 2022)
         with torch.no_grad(), autocast(args):
             e_v, e_a = model(xt_v, xt_a, tv, ta, text_v, text_a)
@@ -144,14 +147,6 @@ def joint_loss(model, bases, batch, args, step, offset=0, joint=True):
 def autocast(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
-
-
-class Interrupted(Exception):  # SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send): checkpoint, then exit
-    pass
-
-
-def on_signal(signum, frame):
-    raise Interrupted(signum)
 
 
 def train_stage(stage, model, bases, dataset, steps, args):
@@ -221,7 +216,7 @@ def train_stage(stage, model, bases, dataset, steps, args):
                     bar.update(1)
                     if step % args.ckpt_every == 0 or step == steps:
                         log.flush(), save()
-    except Interrupted as e:
+    except checkpoint.Interrupted as e:  # Ctrl-C or SIGTERM (what cluster schedulers send)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)  # the save must finish now
         if rank == 0:
@@ -245,7 +240,7 @@ def main(argv=None):
             held = checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args)
         except checkpoint.CheckpointError as e:
             cli.fail(str(e))
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, checkpoint.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(args)
     finally:  # a library caller gets its signal handlers and the folder back
@@ -277,9 +272,8 @@ def run(args):
         print(json.dumps(vars(args), indent=1))
     torch.manual_seed(args.seed)
     try:
-        model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps,
-                                   time_align=args.time_align, video_base=args.video_base,
-                                   motion_adapter=args.motion_adapter, audio_base=args.audio_base)
+        model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps, **{
+            k: getattr(args, k) for k in ("time_align", "video_base", "motion_adapter", "audio_base", "tiny_bases")})
     except RuntimeError as e:  # e.g. weights not available offline: one line, no traceback
         cli.fail(str(e))
     if args.grad_checkpointing:

@@ -54,7 +54,8 @@ class RelativePositionBias(nn.Module):
 
 
 def sinusoidal(pos, dim):  # (n,) -> (n, dim), [sin | cos] with CoDi's frequency spacing log(1e4) / (dim/2 - 1)
-    freqs = torch.exp(torch.arange(dim // 2, device=pos.device, dtype=torch.float32) * -(math.log(10000) / (dim // 2 - 1)))
+    step = -(math.log(10000) / (dim // 2 - 1))
+    freqs = torch.exp(torch.arange(dim // 2, device=pos.device, dtype=torch.float32) * step)
     args = pos[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], -1)
 
@@ -73,7 +74,8 @@ class TemporalAttention(nn.Module):
         n = x.shape[1]
         t = torch.arange(n, device=x.device, dtype=torch.float32) / 8  # released: frame times at 8 fps, any fps
         x = self.norm(x + sinusoidal(t, x.shape[2]).to(x.dtype))  # released: the norm runs over frames
-        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (self.to_q(x), *self.to_kv(x).chunk(2, -1)))
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (N, heads, F, dim_head)
+                   for z in (self.to_q(x), *self.to_kv(x).chunk(2, -1)))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (N, heads, F, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
 

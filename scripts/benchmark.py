@@ -105,7 +105,7 @@ def env_info(dev):
 
 def sampling_inputs(b, bases, frames, batch=2):
     """Batch 2 = CFG's [unconditional; conditional] for one clip, at local timestep index 500, self-conditioned."""
-    g, h = torch.Generator().manual_seed(0), bases.video_size // 8
+    g, h = torch.Generator().manual_seed(0), bases.latent_size
     rand = lambda *s: torch.randn(*s, generator=g).to(b.dev)
     rows = bases.audio_rows(frames / bases.fps)  # the audio as long as the video: 100 latent rows for 4 s
     x_v, x_a = rand(batch, 4, frames, h, h), rand(batch, 8, rows, 16)  # (B, 4, F, h, w), (B, 8, T, 16)
@@ -184,7 +184,7 @@ def section_activations(b, size, frames):
         return "other"
     hooks = (torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: stack.append(names.get(id(m), ""))),
              torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: (stack.pop(), None)[1]))
-    h = bases.video_size // 8
+    h = bases.latent_size
     x_v = torch.randn(1, 4, frames, h, h, device="meta")
     x_a = torch.randn(1, 8, bases.audio_rows(frames / bases.fps), 16, device="meta")
     t, text_v = torch.full((1,), 500, device="meta"), torch.randn(1, 77, model.video_unet.config.cross_attention_dim,

@@ -1,7 +1,7 @@
 """Look at generated clips: per mp4, its frames in a strip and its waveform with the detected audio onsets and video
 flow peaks (the two event lists AV-Align matches, App. A.4), titled with the caption and the clip's AV-Align.
 
-  python scripts/demo_figure.py out/demo/*.mp4 --out docs/demo_samples.png [--real 3]
+  python scripts/demo_figure.py out/demo/*.mp4 --real 1                    # writes out/demo_samples.png
 
 --real K appends K held-out synthetic test clips (never trained on) as the reference. Needs matplotlib.
 """
@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("mp4", nargs="*")
     p.add_argument("--real", type=int, default=0, help="append this many held-out synthetic test clips")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--out", default="demo.png")
+    p.add_argument("--out", default="out/demo_samples.png")  # docs/demo_samples.png was made with --out docs/...
     a = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -39,7 +39,7 @@ def main(argv=None):
     for path in a.mp4:
         frames, fps = av_align.read_video(path)
         audio, sr = av_align.read_audio(av_align.audio_path(path))
-        rows.append((Path(path).stem[5:65], frames, fps, audio, sr))
+        rows.append((Path(path).stem[5:70], frames, fps, audio, sr))
     for k in range(a.real):
         c = synthetic_clip(10 ** 6 + k, fps=a.fps)  # data.py's test seeds
         rows.append(("REAL test clip: " + c["caption"][len("A person is hitting a "):], c["frames"], a.fps, c["audio"],

@@ -117,8 +117,10 @@ def plot(c, gamma, path, title, logx=False):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="tiny", choices=["tiny", "full", "pretrained"])
-    p.add_argument("--ckpt", default=None, help="tiny/full: a run folder whose base/ema.safetensors holds the trained "
-                                                "base U-Nets (train.py stage 'base'); without it they are random")
+    p.add_argument("--ckpt", default=None, help="tiny/full: a run folder whose base/ checkpoint holds trained base "
+                                                "U-Nets (train.py stage 'base')")
+    p.add_argument("--tiny-bases", default=cli.TINY_BASES, help="tiny without --ckpt: trained base U-Nets (default: "
+                                                                "the shipped ones), or 'random'")
     cli.add_base_args(p)  # as train.py
     p.add_argument("--data", default="synthetic", choices=["synthetic", "greatesthits", "landscape", "vggsound"])
     p.add_argument("--root", default=None, help="folder of prepared clips (as train.py)")
@@ -144,8 +146,9 @@ def main(argv=None):
     fps = a.fps or (4 if a.data in ("landscape", "vggsound") else 8)
     dtype = torch.float16 if a.size != "tiny" and a.device.startswith("cuda") else torch.float32
     try:
+        shipped = a.tiny_bases if a.size == "tiny" and not a.ckpt and a.tiny_bases != "random" else None
         bases = load_base_models(a.size, device=a.device, dtype=dtype, fps=fps, video_base=a.video_base,
-                                 motion_adapter=a.motion_adapter, audio_base=a.audio_base)
+                                 motion_adapter=a.motion_adapter, audio_base=a.audio_base, tiny_bases=shipped)
         data = build_dataset(a.data, a.split, root=a.root, flist=a.flist, fps=fps, size=bases.video_size,
                              num_clips=a.num_clips)
     except (RuntimeError, ValueError) as e:  # weights offline, missing data: one line
@@ -158,8 +161,8 @@ def main(argv=None):
         if folder is None:
             sys.exit(f"error: no complete base checkpoint in {a.ckpt}")
         checkpoint.load_weights(holder, folder, dict(holder.named_parameters()), ema=True)
-    elif a.size != "pretrained":
-        print("note: no --ckpt: the base U-Nets are random, so the curves say nothing about the paper's claim")
+    elif a.size == "full" or (a.size == "tiny" and not shipped):
+        print("note: random base U-Nets: the curves say nothing about the paper's claim")
     g = torch.Generator().manual_seed(a.seed + 1)
     x0_v, x0_a, captions = [], [], []
     for i in tqdm(range(0, len(data), a.batch_size), desc="encoding clips"):
@@ -177,7 +180,7 @@ def main(argv=None):
     loss_v, loss_a = base_losses(bases, x0_v, x0_a, torch.cat(text_v), torch.cat(text_a),
                                  [1] + grid + [m for m, _ in mn], [1] + grid + [n for _, n in mn], a.seed, a.batch_size)
     c = curves(loss_v, loss_a, grid, a.gamma, 1000, T_v, T_a)
-    title = (f"{a.size} base models ({a.ckpt or 'no checkpoint'}), {len(data)} {a.data} {a.split} clips; "
+    title = (f"{a.size} base models ({a.ckpt or (shipped and 'shipped') or 'no checkpoint'}), {len(data)} {a.data} {a.split} clips; "
              f"loss at t = 1: video {loss_v[1]:.4f}, audio {loss_a[1]:.4f}")
     plot(c, a.gamma, a.out, title, a.logx)
     result = dict(c, gamma=a.gamma, loss_v=loss_v, loss_a=loss_a, size=a.size, ckpt=a.ckpt, data=a.data,

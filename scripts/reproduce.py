@@ -3,7 +3,8 @@
   python scripts/reproduce.py --out runs/repro          # the full miniature (see README for the measured runtime)
   python scripts/reproduce.py --quick --out /tmp/repro  # smoke test (CI): tiny budgets, a few clips
 
-1. Stage "base" ONCE (train.py, Eq. (7)): the tiny base U-Nets alone; every row shares these frozen models.
+1. The base models: the shipped tiny ones (weights/, as the paper starts from pretrained ones), or with
+   --base-steps N stage "base" ONCE from random (train.py, Eq. (7)); every row shares these frozen models.
 2. Stage "joint" per conditioner (cross-attention = the CoDi row of Table 1, CMC-PE) and training seed, same budget.
 3. Algorithm 1 on held-out test captions; clip i starts from the same noise seed in every row and seed, so rows are
    compared PAIRED, clip by clip. gamma only changes sampling, so the gamma rows share one trained model.
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import av_align  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
@@ -45,8 +47,8 @@ PAPER = {("crossattn", 1.0): (379, 2.35, 0.250), ("crossattn", 1.5): (393, 1.29,
          ("cmcpe", 2.0): (374, 0.61, 0.268), ("cmcpe", 3.0): (383, 1.32, 0.265)}
 NAMES = {"crossattn": "Cross-attention (CoDi)", "cmcpe": "CMC-PE"}
 SEEDS = {"val": 5 * 10 ** 5, "floor": 7 * 10 ** 5}  # synthetic seeds: train 0.., test 10**6.. (data.py), these apart
-# The full budget fits 60 min on 2 CPU cores (README): train.py's tiny defaults (the demo's 700 base / 200 joint steps)
-FULL = dict(base_steps=700, joint_steps=200, batch_size=8, train_clips=2048, seeds=[0, 1, 2], num_test=32, steps=25)
+# The full budget: train.py's tiny defaults (the demo's 200 joint steps on the shipped base models; docs/results.md)
+FULL = dict(base_steps=0, joint_steps=200, batch_size=8, train_clips=2048, seeds=[0, 1, 2], num_test=32, steps=25)
 QUICK = dict(base_steps=2, joint_steps=2, batch_size=2, train_clips=4, seeds=[0, 1], num_test=3, steps=2)
 
 
@@ -54,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, few clips (what CI runs)")
-    p.add_argument("--base-steps", type=int, help=f"stage 'base' steps (full: {FULL['base_steps']})")
+    p.add_argument("--base-steps", type=int, help="stage 'base' steps from random base models (full: 0, the shipped)")
     p.add_argument("--joint-steps", type=int, help=f"stage 'joint' steps per run (full: {FULL['joint_steps']})")
     p.add_argument("--batch-size", type=int, help=f"training batch (full: {FULL['batch_size']})")
     p.add_argument("--lr", type=float, default=None, help="default: train.py's tiny default")
@@ -92,9 +94,9 @@ def train_runs(a, out, log):
                        "--device", a.device])
     common = ["--data", "synthetic", "--size", "tiny", "--base-steps", str(a.base_steps), "--batch-size",
               str(a.batch_size), "--cache", str(cache), "--device", a.device, "--ckpt-every", "100"]
-    common += ["--lr", str(a.lr)] if a.lr else []
+    common += (["--lr", str(a.lr)] if a.lr else []) + (["--tiny-bases", "random"] if a.base_steps else [])
     base = out / "runs" / "base-only"
-    if steps_done(base / "base") < a.base_steps:  # a periodic checkpoint of an interrupted run is not the end
+    if a.base_steps and steps_done(base / "base") < a.base_steps:  # a periodic checkpoint is not the end
         t0 = time.time()
         train.main(common + ["--out", str(base), "--max-steps", "0", "--resume"])  # max-steps 0: the base stage only
         add_time(out, log, "train_base_s", t0)
@@ -104,7 +106,7 @@ def train_runs(a, out, log):
             if steps_done(run / "joint") >= a.joint_steps:
                 continue
             run.mkdir(parents=True, exist_ok=True)
-            if not (run / "base").exists():
+            if a.base_steps and not (run / "base").exists():
                 os.symlink(os.path.relpath(base / "base", run), run / "base")  # the SAME frozen base models
             t0 = time.time()
             train.main(common + ["--out", str(run), "--conditioner", cond, "--seed", str(seed), "--max-steps",
@@ -167,8 +169,9 @@ def synthesize(model, bases, prompts, seeds, gamma, a):
 
 
 def load(a, out, conditioner, run=None):
-    model, bases = build_model("tiny", conditioner, device=a.device)
-    folders = [("base", out / "runs" / "base-only")] + ([("joint", out / "runs" / run)] if run is not None else [])
+    model, bases = build_model("tiny", conditioner, device=a.device, tiny_bases=None if a.base_steps else cli.TINY_BASES)
+    folders = ([("base", out / "runs" / "base-only")] if a.base_steps else []) + (
+        [("joint", out / "runs" / run)] if run is not None else [])
     for stage, folder in folders:  # the frozen, trained base models; then the added modules + motion modules
         checkpoint.load_weights(model, checkpoint.latest(folder, stage)[0], model.stage_parameters(stage))
     return model.eval(), bases
@@ -306,8 +309,8 @@ def main(argv=None):
     if not a.quick and not (out / "fig2_tiny.png").exists():  # Fig. 2 of the same frozen base models (fig2.py)
         import fig2
         t0 = time.time()
-        fig2.main(["--ckpt", str(out / "runs" / "base-only"), "--num-clips", "8", "--out", str(out / "fig2_tiny.png"),
-                   "--device", a.device])
+        fig2.main((["--ckpt", str(out / "runs" / "base-only")] if a.base_steps else []) + [
+            "--num-clips", "8", "--out", str(out / "fig2_tiny.png"), "--device", a.device])
         add_time(out, log, "fig2_s", t0)
     return report(a, out, rows, log, time.time() - t_start)
 

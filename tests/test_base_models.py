@@ -93,3 +93,20 @@ def test_pretrained_offline_error_is_one_line(tmp_path):
     assert "download" in msg and "local folder" in msg
     with pytest.raises(ValueError):
         load_base_models("huge")
+
+
+def test_shipped_tiny_base_models_load_strictly(tmp_path):
+    import cli
+    from safetensors.torch import load_file, save_file
+    random, shipped = load_base_models("tiny"), load_base_models("tiny", tiny_bases=cli.TINY_BASES)
+    sd = load_file(cli.TINY_BASES)
+    assert {k.split(".")[0] for k in sd} == {"video_unet", "audio_unet"}
+    for name in ("video_unet", "audio_unet"):  # every tensor of both U-Nets comes from the file
+        own = getattr(shipped, name).state_dict()
+        assert all(torch.equal(own[k[len(name) + 1:]], v.float()) for k, v in sd.items() if k.startswith(name))
+        assert not torch.equal(getattr(random, name).conv_in.weight, own["conv_in.weight"])
+    del sd["audio_unet.conv_out.bias"]
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsNotFound, match="not this audio_unet") as e:
+        load_base_models("tiny", tiny_bases=tmp_path / "bad.safetensors")
+    assert "\n" not in str(e.value)

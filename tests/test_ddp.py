@@ -11,6 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+import cli
 import train
 from model import build_model
 
@@ -54,7 +55,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_clipping_bounds_the_norm
 
 def assert_same_update(a, b):
     (w_ddp, opt_ddp), (w_one, opt_one) = a, b
-    model, _ = build_model("tiny")  # the same initial weights as both runs (seeded build)
+    model, _ = build_model("tiny", tiny_bases=cli.TINY_BASES)  # the runs' initial weights (seeded build)
     names = [n for n, _ in model.trainable_parameters()]  # the optimizer's parameter order
     w0 = dict(model.trainable_parameters())
     group = opt_one["param_groups"][0]

@@ -181,6 +181,7 @@ def test_weights_load_strictly_both_ways(tmp_path):
     (["--data", "greatesthits", "--size", "tiny", "--root", "/nonexistent"], "--root"),
     (["--data", "greatesthits", "--size", "tiny", "--root", ".", "--flist", "/nonexistent"], "--flist"),
     (["--cache", "/nonexistent"], "--cache"), (["--size", "pretrained"], "hf download cvssp/audioldm-m-full"),
+    (["--data", "greatesthits", "--size", "pretrained", "--root", "/nonexistent"], "--root"),  # before the weights
     (["--out", "/proc/nope"], "--out: cannot write")])
 def test_bad_input_one_line_exit_2_before_any_model(argv, why, monkeypatch, capsys):
     import model
