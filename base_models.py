@@ -333,9 +333,11 @@ def load_tiny_bases(parts, path):
     except Exception as e:
         raise WeightsNotFound(f"tiny base models {path}: cannot be read ({type(e).__name__})") from None
     for name in ("video_unet", "audio_unet"):
-        own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        own = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
+        fixed = dict(parts[name].named_buffers())  # the motion modules' sinusoidal tables: built, never trained
+        own.update({k: v for k, v in fixed.items() if k not in own})
         try:
-            parts[name].load_state_dict({k: v.float() for k, v in own.items()}, strict=True)
+            parts[name].load_state_dict(own, strict=True)
         except RuntimeError as e:
             raise WeightsNotFound(f"tiny base models {path}: not this {name} ({str(e).splitlines()[1][:150]})") \
                 from None
