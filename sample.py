@@ -113,7 +113,7 @@ def parse_args(argv=None):
 
 def write_index(out, rows):
     """index.html: one row per clip, its video playing with its sound, then prompt, seed, gamma and checkpoint."""
-    cells = "".join(f'<tr><td><video controls preload="metadata" src="{html.escape(r["file"])}"></video></td>'
+    cells = "".join(f'<tr><td><video controls preload="auto" src="{html.escape(r["file"])}"></video></td>'
                     f'<td>{html.escape(r["prompt"])}</td><td>{r["seed"]}</td><td>{r["gamma"]}</td>'
                     f'<td>{html.escape(str(r["checkpoint"]))} {html.escape(json.dumps(r["trained_steps"]))}</td></tr>\n'
                     for r in rows)

@@ -94,7 +94,7 @@ def test_cli_files_manifest_page_and_seeds(run, tmp_path):
     assert seeds[1.0] == seeds[1.5]  # the same noise at each gamma: the rows compare the knob
     assert all(r["checkpoint"] == os.path.abspath(run) and r["trained_steps"] == {"base": 2, "joint": 2} for r in rows)
     page = (tmp_path / "a" / "index.html").read_text()
-    srcs = re.findall(r'<video controls preload="metadata" src="([^"]+)"', page)
+    srcs = re.findall(r'<video controls preload="auto" src="([^"]+)"', page)
     assert sorted(srcs) == sorted(r["file"] for r in rows) and all((tmp_path / "a" / s).is_file() for s in srcs)
 
 
