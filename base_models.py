@@ -327,7 +327,8 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=
 
 
 def load_tiny_bases(parts, path):
-    """Trained tiny U-Nets into parts, strictly (every tensor present, none extra, same shapes); one-line errors."""
+    """Trained tiny U-Nets into parts, strictly (every parameter present, none extra, same shapes); one-line errors.
+    The file holds parameters only: buffers (the motion modules' sinusoidal tables) keep their built values."""
     try:
         sd = load_file(path)
     except Exception as e:

@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("mp4", nargs="*")
     p.add_argument("--real", type=int, default=0, help="append this many held-out synthetic test clips")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--out", default="out/demo_samples.png")  # docs/demo_samples.png was made with --out docs/...
+    p.add_argument("--out", default="out/demo_samples.png")  # docs/demo_samples.png is a copy of it (docs/results.md)
     a = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
