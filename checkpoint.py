@@ -24,6 +24,20 @@ TRAJECTORY = ("data", "root", "flist", "cache", "num_clips", "size", "conditione
               "optimizer", "max_grad_norm", "p_self_cond", "p_uncond", "shared_t", "ema_decay", "precision", "seed",
               "base_steps", "tiny_bases")
 SUFFIXES = ("", ".tmp", ".old")
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def stored_path(path):
+    """A file path as a run's config stores it: relative to the repository when the file lies inside it (the shipped
+    tiny bases: a moved or re-cloned repository still finds them), else absolute."""
+    p = os.path.abspath(path)
+    rel = os.path.relpath(p, REPO)
+    return p if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+def resolve_stored(path):
+    """The inverse of stored_path: a relative stored path is relative to the repository (None stays None)."""
+    return path if path is None or os.path.isabs(path) else os.path.join(REPO, path)
 
 
 class Interrupted(Exception):
@@ -161,8 +175,9 @@ def check_resume(out, args, resume, allow_changed):
     if found and not allow_changed:
         old = json.load(open(os.path.join(found[0][1], "config.json")))
         keys = TRAJECTORY + (("max_steps", "epochs") if args["lr_schedule"] == "cosine" else ())  # lr(step) changes
-        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys
-                   if old.get(k) != args.get(k)]
+        same = lambda k: (old.get(k) == args.get(k) or k == "tiny_bases" and  # noqa: E731 (older runs: absolute)
+                          resolve_stored(old.get(k)) == resolve_stored(args.get(k)))
+        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys if not same(k)]
         if changed:
             raise CheckpointError(f"--resume would change the run's trajectory: {'; '.join(changed)} "
                                   "(--allow-changed-args accepts that)")

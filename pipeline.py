@@ -52,7 +52,7 @@ class SoundingVideoPipeline:
         model, bases = build_model(cfg["size"], cfg["conditioner"], device=device, fps=cfg["fps"],
                                    time_align=cfg.get("time_align", "seconds"), video_base=cfg["video_base"],
                                    motion_adapter=cfg["motion_adapter"], audio_base=cfg["audio_base"],
-                                   tiny_bases=cfg.get("tiny_bases"))
+                                   tiny_bases=checkpoint.resolve_stored(cfg.get("tiny_bases")))
         steps = {}
         for stage in ("base", "joint") if cfg.get("base_steps", 0) > 0 else ("joint",):
             folder, steps[stage] = checkpoint.latest(path, stage)

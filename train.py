@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
-    args.tiny_bases = None if not tiny or args.tiny_bases == "random" else args.tiny_bases
+    # stored relative to the repository when inside it (checkpoint.stored_path), so the run config survives a move
+    args.tiny_bases = None if not tiny or args.tiny_bases == "random" else checkpoint.stored_path(args.tiny_bases)
     # tiny: 200 joint steps on the shipped base models (or 700 base steps first from random ones); else Sec. 4.1.2
     defaults = dict(fps=4 if args.data in ("landscape", "vggsound") else 8, batch_size=8 if tiny else 16,
                     lr=1e-3 if tiny else 1e-5, lr_schedule="cosine" if tiny else "constant",
@@ -83,7 +84,7 @@ def parse_args(argv=None):
         cli.existing(os.path.join(args.cache, "index.json"), "--cache (a folder written by cache.py)")
     elif args.data != "synthetic":
         cli.existing(args.root, "--root (a folder of clips, see data.py prepare)", "dir")
-    for path, what in ((args.flist, "--flist"), (args.tiny_bases, "--tiny-bases")):
+    for path, what in ((args.flist, "--flist"), (checkpoint.resolve_stored(args.tiny_bases), "--tiny-bases")):
         if path:
             cli.existing(path, what)
     if args.max_steps == 0 and args.base_steps == 0:
@@ -272,8 +273,10 @@ def run(args):
         print(json.dumps(vars(args), indent=1))
     torch.manual_seed(args.seed)
     try:
-        model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps, **{
-            k: getattr(args, k) for k in ("time_align", "video_base", "motion_adapter", "audio_base", "tiny_bases")})
+        model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps,
+                                   tiny_bases=checkpoint.resolve_stored(args.tiny_bases), **{
+                                       k: getattr(args, k) for k in ("time_align", "video_base", "motion_adapter",
+                                                                     "audio_base")})
     except RuntimeError as e:  # e.g. weights not available offline: one line, no traceback
         cli.fail(str(e))
     if args.grad_checkpointing:

@@ -157,6 +157,25 @@ def test_one_process_per_run_and_no_silent_restart(tmp_path, capsys):
     assert checkpoint.latest(str(out), "joint")[1] == 5
 
 
+def test_run_config_stores_the_shipped_bases_relative_to_the_repository(tmp_path):
+    """A moved clone still samples its runs; a run written before (absolute path) still resumes."""
+    import cli
+    assert checkpoint.stored_path(cli.TINY_BASES) == os.path.join("weights", "tiny_bases.safetensors")
+    assert checkpoint.resolve_stored(checkpoint.stored_path(cli.TINY_BASES)) == cli.TINY_BASES
+    outside = str(tmp_path / "b.safetensors")
+    assert checkpoint.stored_path(outside) == outside and checkpoint.resolve_stored(outside) == outside
+    out = tmp_path / "run"
+    train.main(COMMON + ["--out", str(out), "--max-steps", "2"])
+    cfg = out / "joint" / "config.json"
+    assert json.loads(cfg.read_text())["tiny_bases"] == os.path.join("weights", "tiny_bases.safetensors")
+    old = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps(dict(old, tiny_bases=cli.TINY_BASES)))  # as runs before this change stored it
+    train.main(COMMON + ["--out", str(out), "--resume", "--max-steps", "2"])  # same file: not a changed argument
+    cfg.write_text(json.dumps(dict(old, tiny_bases=outside)))
+    with pytest.raises(checkpoint.CheckpointError, match="--tiny-bases"):
+        checkpoint.check_resume(str(out), vars(train.parse_args(COMMON + ["--out", str(out)])), True, False)
+
+
 def test_weights_load_strictly_both_ways(tmp_path):
     from model import build_model
     model, _ = build_model("tiny")
