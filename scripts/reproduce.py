@@ -158,9 +158,9 @@ def score_clips(frames, waves, fps, sr, extract=None):
     return res
 
 
-def synthesize(model, bases, prompts, seeds, gamma, a):
+def synthesize(model, bases, prompts, seeds, gamma, a, desc="sampling"):
     frames, waves = [], []
-    for i in range(0, len(prompts), a.gen_batch):
+    for i in tqdm(range(0, len(prompts), a.gen_batch), desc=desc, unit="batch"):  # a row takes minutes on a CPU
         x_v, x_a = generate(model, bases, prompts[i:i + a.gen_batch], seeds[i:i + a.gen_batch], T=a.steps, gamma=gamma,
                             guidance_v=a.guidance_video, guidance_a=a.guidance_audio, bar=False)
         frames.append(bases.decode_video(x_v).cpu().numpy())  # (b, F, H, W, 3) uint8
@@ -287,7 +287,7 @@ def main(argv=None):
 
     def sampled(key, model, bases, gamma, seed):
         def fn():
-            f, w = synthesize(model, bases, prompts, noise, gamma, a)
+            f, w = synthesize(model, bases, prompts, noise, gamma, a, f"sampling {key} (seed {seed})")
             if seed == a.seeds[0]:
                 (out / "examples").mkdir(parents=True, exist_ok=True)
                 for i in range(min(a.examples, N)):

@@ -129,3 +129,23 @@ def test_other_guidance_is_scored_apart(quick):
     assert (out / "eval" / "test_j2_T2_g1.0-2.5").is_dir() and (out / "eval" / "test_j2_T2").is_dir()
     assert other["rows"]["real"] == res["rows"]["real"]  # the bounds do not depend on guidance
     assert other["rows"]["cmcpe-g1.0"] != res["rows"]["cmcpe-g1.0"]  # generated clips do
+
+
+def test_flicker_probe_trains_the_shipped_design_and_counts_as_av_align():
+    """scripts/flicker_probe.py: its default video U-Net is base_models' tiny one (same seeded weights), its decoder
+    is BaseModels.decode_video, and its peak counts are av_align's on those frames (real clips: the strikes)."""
+    import flicker_probe
+    from base_models import _tiny, load_base_models
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # as load_base_models builds them
+        want = _tiny()["video_unet"].state_dict()
+    got = flicker_probe.video_unet().state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    z = torch.randn(2, 4, 32, 8, 8)
+    assert np.array_equal(flicker_probe.decode(z), load_base_models("tiny").decode_video(z).numpy())
+    clips = [dict(synthetic_clip(s), seed=s) for s in (3, 4)]
+    real, _ = flicker_probe.latents([3, 4])
+    res = flicker_probe.flicker(real, clips)
+    frames = flicker_probe.decode(real)
+    assert res["peaks"] == np.mean([len(av_align.video_peaks(av_align.flow_trajectory(f), 8)) for f in frames])
+    assert res["dz_median"] == 0.0 and res["peaks"] <= np.mean([len(c["hit_times"]) for c in clips]) + 1
