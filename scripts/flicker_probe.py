@@ -10,8 +10,8 @@ train: the tiny video U-Net of base_models._tiny (or a variant: --std of the cod
 heads / transformer layers, the output parameterisation) trained alone on the synthetic train clips by Eq. (7) (Adam,
 cosine lr, EMA 0.995, batch 8, caption dropout 0.1: stage "base" of train.py, without the audio U-Net), then sampled
 for the first 16 held-out test captions (DDIM T = 25, guidance 7.5, noise seeds 10**4 + i as check_synthetic.py).
-Prints flow peaks per clip (AV-Align's video events; real clips: 3.9) and the median frame-to-frame change of the
-generated latents (real clips: 0; it is the stick only). denoise: real test latents noised to level t, the U-Net's
+Prints flow peaks per clip (AV-Align's video events; real clips: 3.9), the median frame-to-frame change of the
+generated latents and the median over clips of a clip's median mean flow (real clips: 0 and 0; only the stick moves). denoise: real test latents noised to level t, the U-Net's
 x0 estimate in one call: how much per-frame noise it leaves in cells that are static in the real clip. tolerance:
 real test latents plus k x the temporal deviations of generated latents (from their per-cell median over frames):
 flow peaks as the jitter shrinks. score: the train probe's numbers for its saved latents. Not in the paper; one thread per run, so two probes can share the 2 cores.
@@ -83,7 +83,10 @@ def flicker(z, clips):
     return dict(peaks=float(np.mean([len(v) for v in V])),  # and with the 2025 script's threshold (mean flow >= 0.1):
                 peaks_2025=float(np.mean([len(av_align.video_peaks(t, FPS, min_flow=0.1)) for t in traj])),
                 av_align=float(np.mean([av_align.align_score(a, v, FPS) for a, v in zip(A, V)])),
-                dz_median=float((z[:, :, 1:] - z[:, :, :-1]).abs().median()))
+                dz_median=float((z[:, :, 1:] - z[:, :, :-1]).abs().median()),
+                flow_median=float(np.median([np.median(t) for t in traj])),  # a clip's typical frame: real 0
+                flow_max=float(np.mean([t.max() for t in traj])),  # its strongest motion, and how many frames move:
+                moving=float(np.mean([(t > 1).sum() for t in traj])))
 
 
 def to_eps_any(out, x, ab, pred):  # "sample" = the U-Net predicts x0 itself
