@@ -32,6 +32,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import av_align  # noqa: E402
 from base_models import PoolVideoAE, load_base_models  # noqa: E402
+import cli  # noqa: E402
 from data import TEST_SEED  # noqa: E402
 from model import video_forward  # noqa: E402
 from synthetic import synthetic_clip  # noqa: E402
@@ -177,18 +178,21 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=1)  # transformer layers per motion module
     p.add_argument("--pred", default="v_prediction", choices=["v_prediction", "epsilon", "sample"])
     p.add_argument("--num-test", type=int, default=16)
-    p.add_argument("--bases", default="weights/tiny_bases.safetensors")
+    p.add_argument("--bases", default=cli.TINY_BASES, help="denoise: tiny base models (default: the shipped ones)")
     p.add_argument("--gen", help="tolerance, score: generated latents (B, 4, F, 8, 8) saved by `train`")
     p.add_argument("--scales", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.5, 1.0])
     p.add_argument("--out", default="runs/flicker")
     a = p.parse_args(argv)
+    if a.probe in ("tolerance", "score") and not (a.gen and os.path.isfile(a.gen)):
+        cli.fail(f"{a.probe} needs --gen, latents saved by `train` (got {a.gen})")  # one line, exit code 2
     torch.set_num_threads(1)
     test = [dict(synthetic_clip(s), seed=s) for s in range(TEST_SEED, TEST_SEED + a.num_test)]
     with torch.no_grad() if a.probe != "train" else torch.enable_grad():
         if a.probe == "train":
             res = train(a, load_base_models("tiny"), test)
         elif a.probe == "score":
-            res = flicker(torch.load(a.gen), test[:len(torch.load(a.gen))])
+            gen = torch.load(a.gen)
+            res = flicker(gen, test[:len(gen)])
         else:
             res = denoise(a, test) if a.probe == "denoise" else tolerance(a, test)
     print(json.dumps(dict(probe=a.probe, tag=a.tag, args=vars(a), result=res)))
