@@ -142,10 +142,11 @@ class GriffinLim(nn.Module):
         return istft(mag * angles).clamp(-1, 1)  # HiFi-GAN's output is tanh-bounded too
 
 
-def _tiny():
+def _tiny(motion_heads=2, motion_layers=1):
     """Same classes and block layout as the real models (4 levels, same block types, motion modules incl. the mid
     block, AudioLDM's concatenated class embedding), but 1 layer per block (real: 2) and narrow channels (32/64
-    instead of 320-1280 / 192-960), so that the CPU demo trains both stages in minutes."""
+    instead of 320-1280 / 192-960), so that the CPU demo trains both stages in minutes. The motion-module options
+    are for scripts/flicker_probe.py's variants."""
     ch_v, ch_a = (32, 32, 64, 64), (32, 32, 64, 64)
     unet2d = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=ch_v, layers_per_block=1,
@@ -153,7 +154,8 @@ def _tiny():
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
     adapter = MotionAdapter(block_out_channels=ch_v, motion_layers_per_block=1, motion_norm_num_groups=8,
-                            motion_num_attention_heads=2, motion_max_seq_length=32, use_motion_mid_block=True)
+                            motion_transformer_layers_per_block=motion_layers, motion_num_attention_heads=motion_heads,
+                            motion_max_seq_length=32, use_motion_mid_block=True)
     audio_unet = UNet2DConditionModel(
         sample_size=(100, 16), in_channels=8, out_channels=8, block_out_channels=ch_a, layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,

@@ -65,7 +65,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
-    # stored relative to the repository when inside it (checkpoint.stored_path), so the run config survives a move
     args.tiny_bases = None if not tiny or args.tiny_bases == "random" else checkpoint.stored_path(args.tiny_bases)
     # tiny: 200 joint steps on the shipped base models (or 700 base steps first from random ones); else Sec. 4.1.2
     defaults = dict(fps=4 if args.data in ("landscape", "vggsound") else 8, batch_size=8 if tiny else 16,
@@ -273,10 +272,9 @@ def run(args):
         print(json.dumps(vars(args), indent=1))
     torch.manual_seed(args.seed)
     try:
+        kw = {k: getattr(args, k) for k in ("time_align", "video_base", "motion_adapter", "audio_base")}
         model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps,
-                                   tiny_bases=checkpoint.resolve_stored(args.tiny_bases), **{
-                                       k: getattr(args, k) for k in ("time_align", "video_base", "motion_adapter",
-                                                                     "audio_base")})
+                                   tiny_bases=checkpoint.resolve_stored(args.tiny_bases), **kw)
     except RuntimeError as e:  # e.g. weights not available offline: one line, no traceback
         cli.fail(str(e))
     if args.grad_checkpointing:

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import av_align  # noqa: E402
-from base_models import PoolVideoAE, load_base_models  # noqa: E402
+from base_models import PoolVideoAE, _tiny, load_base_models  # noqa: E402
 import cli  # noqa: E402
 from data import TEST_SEED  # noqa: E402
 from model import video_forward  # noqa: E402
@@ -42,19 +41,10 @@ FPS, SR = 8, 16000
 
 
 def video_unet(heads=2, layers=1):
-    """base_models._tiny's video U-Net (seeded as there), with motion-module heads / transformer layers as options."""
-    ch = (32, 32, 64, 64)
+    """base_models._tiny's video U-Net, seeded as load_base_models seeds it, with motion-module options."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        unet2d = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=ch, layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
-        adapter = MotionAdapter(block_out_channels=ch, motion_layers_per_block=1, motion_norm_num_groups=8,
-                                motion_transformer_layers_per_block=layers, motion_num_attention_heads=heads,
-                                motion_max_seq_length=32, use_motion_mid_block=True)
-        return UNetMotionModel.from_unet2d(unet2d, adapter)
+        return _tiny(motion_heads=heads, motion_layers=layers)["video_unet"]
 
 
 def latents(seeds):
