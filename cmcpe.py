@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from video_attention import SpatioTemporalAttention, group_norm, zero
+from support.video_attention import SpatioTemporalAttention, group_norm, zero
 
 TIME_ALIGN = ("seconds", "index")  # ours (default for new runs) / the released model's nearest-by-index
 

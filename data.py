@@ -6,25 +6,22 @@ wheel's binary) cuts video and audio *by time*, so a clip always has exactly fps
 default is the procedural GreatestHits of synthetic.py. Files are written through temporary files renamed into place.
 Left out: random-start sampling, flips, LLaVA captioning, downloading the datasets.
 """
-import csv, os, re, subprocess, tempfile
+import csv, os, re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import imageio_ffmpeg
 import librosa
 import numpy as np
-import scipy.io.wavfile
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from synthetic import synthetic_clip
+from support import cli
+from support.media import FFMPEG, _ffmpeg, write_mp4  # noqa: F401 (FFMPEG: the binary the tests use)
+from support.synthetic import TEST_SEED, synthetic_clip, write_synthetic
 
-FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SR, HOP, N_FFT, N_MELS = 16000, 160, 1024, 64  # AudioLDM 16 kHz mel config (notes diffusers.md 4.1)
 VIDEO_EXT = (".mp4", ".avi", ".mkv", ".mov", ".webm")
-TEST_SEED = 10 ** 6  # synthetic clips: train seeds 0.., held-out test seeds 10**6..
 
 
 # ---------------------------------------------------------------- AudioLDM features
@@ -47,11 +44,6 @@ def log_mel(wave):
 
 
 # ---------------------------------------------------------------- mp4 I/O
-def _ffmpeg(args, stdin=None):
-    out = subprocess.run([FFMPEG, "-nostdin", "-hide_banner", *args], input=stdin, capture_output=True)
-    return out.returncode, out.stdout, out.stderr.decode(errors="replace")
-
-
 def probe(path):
     """(duration s, height, width) from ffmpeg's header dump; raises ValueError when unreadable."""
     _, _, err = _ffmpeg(["-i", path])
@@ -86,43 +78,6 @@ def read_clip(path, fps, sr=SR, seconds=4.0, size=None, start=0.0, max_pad=0.3):
         raise ValueError(f"silent: {path}")
     frames = np.concatenate([frames, frames[-1:].repeat(n_f - len(frames), 0)])[:n_f]
     return frames, np.pad(audio, (0, max(0, n_a - len(audio))))[:n_a].copy()
-
-
-def _atomic(path, write):
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader never sees half a file,
-    and a file or symlink already at `path` is replaced, never written through."""
-    path = os.path.abspath(path)  # also keeps a name starting with "-" from reaching ffmpeg as an option
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_wav(path, audio, sr=SR):
-    """float32 wav, as the official scripts write it (scipy: unlike libsndfile, no time-stamped PEAK chunk, so the
-    same audio gives the same bytes)."""
-    _atomic(path, lambda tmp: scipy.io.wavfile.write(tmp, sr, np.asarray(audio, np.float32)))
-
-
-def write_mp4(path, frames, fps, audio, sr=SR):
-    """H.264 yuv420p + AAC mono at `sr`, an mp4 that browsers play (faststart). frames uint8 (F, H, W, 3), H, W even."""
-    frames = np.ascontiguousarray(frames, np.uint8)
-
-    def write(tmp):
-        with tempfile.NamedTemporaryFile(suffix=".wav") as wav:  # audio goes in as a float wav, stdin the frames
-            sf.write(wav.name, np.asarray(audio, np.float32), sr, subtype="FLOAT")
-            rc, _, err = _ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
-                                  f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav.name,
-                                  "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p",
-                                  "-c:a", "aac", "-b:a", "128k", "-ar", str(sr), "-ac", "1", "-movflags", "+faststart",
-                                  "-shortest", "-f", "mp4", tmp], stdin=frames.tobytes())
-        if rc:
-            raise RuntimeError(f"ffmpeg could not write {path}: {err.strip()[-300:]}")
-    _atomic(path, write)
 
 
 # ---------------------------------------------------------------- datasets
@@ -269,7 +224,6 @@ def prepare(src, out, fps=8, size=256, seconds=4.0, workers=None):
 
 
 if __name__ == "__main__":
-    import cli
     p = cli.Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="cut raw GreatestHits videos (vis-data-256/*_denoised_thumb.mp4) into clips")
@@ -291,5 +245,4 @@ if __name__ == "__main__":
         prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
     else:
         cli.writable_dir(a.out, "--out")
-        from synthetic import write_synthetic
         write_synthetic(a.out, a.num, a.fps, a.size, a.split)

@@ -14,6 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video  # noqa: F401 (re-exported)
+from data import read_captions
+from support import cli
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's fvd2048_16f detector
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"  # audioldm_eval
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # the official ImageBind script
@@ -153,7 +155,6 @@ def imagebind_scores(rows, path=None, device="cpu"):
     return {k: float(np.mean(v)) for k, v in scores.items() if v}
 
 def main(argv=None):
-    import cli
     ap = cli.Parser(description="Evaluate generated sounding videos: AV-Align, FVD, FAD, ImageBind.")
     ap.add_argument("--gen", required=True, help="folder of generated <name>.mp4 (+ <name>.wav), as sample.py writes")
     ap.add_argument("--ref", help="folder of reference clips (needed for FVD and FAD)")
@@ -177,7 +178,6 @@ def main(argv=None):
         cli.fail(f"no .mp4 files in {args.gen}")
     caps = {}
     if args.captions:
-        from data import read_captions
         try:
             caps = dict(read_captions(args.captions))
         except ValueError as e:

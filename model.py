@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from base_models import load_base_models
 from cmcpe import TIME_ALIGN, CMCPE, Connector, CrossAttentionBlock
+from support.released import from_official
 
 POINTS = (("down", 2), ("down", 3), ("up", 0), ("up", 1))  # App. A.2: where the 4 blocks per modality sit
 CONDITIONERS = {"cmcpe": CMCPE, "crossattn": CrossAttentionBlock}
@@ -113,7 +115,6 @@ class JointModel(nn.Module):
     @classmethod
     def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
         """The authors' released `unet_svg` (its config.json as a dict, its state_dict) around these two U-Nets."""
-        from official import from_official
         return from_official(cls, video_unet, audio_unet, config, state_dict, fps)
 
     def added_modules(self):
@@ -196,18 +197,10 @@ def cast_frozen(model, bases, dtype=torch.bfloat16):
     return saved
 
 
-def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fps=8, time_align="seconds", ckpt=None,
+def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fps=8, time_align="seconds",
                 **base_kwargs):
     """-> (JointModel, BaseModels). size "tiny" | "full" | "pretrained" (base_models.load_base_models); the joint
-    model holds the base U-Nets themselves (not copies), with only added modules + motion modules trainable.
-    ckpt: a released `pipe/` folder (official.is_pipe): everything, the added modules included, comes from it."""
-    from base_models import load_base_models
-    if ckpt is not None:
-        from official import is_pipe, load_pipe
-        if not is_pipe(ckpt):
-            raise ValueError(f"{ckpt} is not a released pipe/ folder (official.PIPE_PARTS)")
-        model, bases = load_pipe(ckpt, device=device, dtype=dtype, fps=fps, video_size=base_kwargs.get("video_size"))
-        return model.to(device, dtype).set_trainable(), bases
+    model holds the base U-Nets themselves (not copies), with only added modules + motion modules trainable."""
     bases = load_base_models(size, device=device, dtype=dtype, fps=fps, **base_kwargs)
     with torch.random.fork_rng(), torch.device(device):  # same initial added modules every build
         torch.manual_seed(0)

@@ -12,13 +12,19 @@ import html
 import json
 import math
 import os
+import random
 import re
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-import cli
+from data import read_captions
+from support import checkpoint, cli
+from support.loading import load, read_run_config
+from support.media import save_clips
+from support.released_folder import is_pipe
 from timesteps import alpha_bar_table, ddim_step, local_timesteps, to_eps
 
 
@@ -56,6 +62,26 @@ def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guid
     return x_v, x_a  # x_0^(v), x_0^(a)
 
 
+def generate_clips(model, bases, prompt, negative="", T=25, gamma=1.5, guidance_v=7.5, guidance_a=2.5, generator=None,
+                   num_samples=1, seconds=4, batch_size=4, amp=None, progress=True):
+    """Algorithm 1 over many prompts in batches, decoded. prompt: a string or a list. generator: an int seed, a
+    torch.Generator (its initial seed) or None (a fresh one). -> dict(frames uint8 (B, F, H, W, 3), waveforms
+    float32 (B, N), fps, sample_rate, prompts, seeds): num_samples per prompt, each from its own seed."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seed = generator.initial_seed() if isinstance(generator, torch.Generator) else (
+        random.randrange(2 ** 31) if generator is None else int(generator))
+    jobs = [p for p in prompts for _ in range(num_samples)]
+    seeds = [seed * 1000003 + k for k in range(len(jobs))]  # one seed per clip (Alg. 1's initial noise)
+    frames, waves = [], []
+    for b in range(0, len(jobs), batch_size):
+        x_v, x_a = generate(model, bases, jobs[b: b + batch_size], seeds[b: b + batch_size], T, gamma, guidance_v,
+                            guidance_a, negative, bar=progress and len(jobs) == 1, amp=amp, seconds=seconds)
+        frames.append(bases.decode_video(x_v).cpu().numpy())
+        waves.append(bases.decode_audio(x_a, seconds).float().cpu().numpy())
+    return dict(frames=np.concatenate(frames), waveforms=np.concatenate(waves), fps=bases.fps, sample_rate=bases.sr,
+                prompts=jobs, seeds=seeds)
+
+
 def parse_args(argv=None):
     p, pos = cli.Parser(description=__doc__.split("\n")[0]), cli.number(int, 1)
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -80,7 +106,6 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     if args.captions:
-        from data import read_captions
         try:
             args.prompt += [c for _, c in read_captions(args.captions, clips=False)]
         except ValueError as e:
@@ -90,9 +115,6 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         cli.fail(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.ckpt:
-        import checkpoint
-        from official import is_pipe
-        from pipeline import read_run_config
         cli.existing(args.ckpt, "--ckpt", "dir")
         try:
             args.trained = {} if is_pipe(args.ckpt) else read_run_config(args.ckpt)
@@ -128,14 +150,13 @@ def write_index(out, rows):
 def main(argv=None):
     args = parse_args(argv)
     print(json.dumps({k: v for k, v in vars(args).items() if k not in ("trained", "hint")}, indent=1))
-    from pipeline import SoundingVideoPipeline
     if not args.ckpt:
         print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio come from "
               "the two base models independently" + args.hint)
     try:
         frozen = torch.bfloat16 if args.precision == "bf16" and args.device.startswith("cuda") else torch.float32
-        pipe = SoundingVideoPipeline.from_pretrained(args.ckpt, args.device, frozen, ema=not args.no_ema,
-                                                     size=args.size, video_size=args.video_size)
+        model, bases, source = load(args.ckpt, args.device, frozen, ema=not args.no_ema, size=args.size,
+                                    video_size=args.video_size)
     except (RuntimeError, ValueError) as e:  # weights offline, a damaged or foreign checkpoint: one line
         cli.fail(str(e) + args.hint)
     manifest = os.path.join(args.out, "manifest.jsonl")
@@ -147,16 +168,15 @@ def main(argv=None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     rows = []
     for gamma in tqdm(args.gamma, desc="gamma", disable=len(args.gamma) == 1):
-        res = pipe(args.prompt, args.negative_prompt, args.steps, gamma, args.guidance_video, args.guidance_audio,
-                   generator=args.seed, num_samples=args.num_samples, seconds=args.seconds, batch_size=args.batch_size,
-                   amp=amp)
+        res = generate_clips(model, bases, args.prompt, args.negative_prompt, args.steps, gamma, args.guidance_video,
+                             args.guidance_audio, args.seed, args.num_samples, args.seconds, args.batch_size, amp)
         names = [f"{k:04d}_{re.sub(r'[^A-Za-z0-9]+', '-', p)[:60].strip('-')}_g{gamma:g}"
                  for k, p in enumerate(res["prompts"])]
-        pipe.save(args.out, res, names)
+        save_clips(args.out, res, names)
         rows += [dict(file=n + ".mp4", wav=n + ".wav", prompt=p, seed=s, gamma=gamma, steps=args.steps,
                       guidance_video=args.guidance_video, guidance_audio=args.guidance_audio,
-                      negative_prompt=args.negative_prompt, seconds=args.seconds, checkpoint=pipe.source["checkpoint"],
-                      kind=pipe.source["kind"], trained_steps=pipe.source.get("steps"), ema=not args.no_ema,
+                      negative_prompt=args.negative_prompt, seconds=args.seconds, checkpoint=source["checkpoint"],
+                      kind=source["kind"], trained_steps=source.get("steps"), ema=not args.no_ema,
                       created=time.strftime("%Y-%m-%dT%H:%M:%S"))
                  for n, p, s in zip(names, res["prompts"], res["seeds"])]
         with open(manifest + ".tmp", "w") as f:  # after every gamma: what is on disk is always listed

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-import cli
+from data import build_dataset
+from model import build_model, cast_frozen
+from support import checkpoint, cli
+from support.cache import CachedClips, cached_inputs
 from timesteps import add_noise, alpha_bar_table, predict_x0, target, to_eps
 
 
@@ -31,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="greatesthits", choices=["greatesthits", "landscape", "vggsound", "synthetic"])
     p.add_argument("--root", default=None, help="folder of prepared clips (see data.py prepare)")
     p.add_argument("--flist", default=None, help="official file list <clip>,\"<caption>\" (GreatestHits)")
-    p.add_argument("--cache", default=None, help="folder written by cache.py: stored latents + text embeddings")
+    p.add_argument("--cache", default=None, help="folder written by python -m support.cache: stored latents + text embeddings")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
     p.add_argument("--conditioner", default="cmcpe", choices=["cmcpe", "crossattn"])  # Table 1 rows
     p.add_argument("--time-align", default="seconds", choices=["seconds", "index"],
@@ -80,7 +82,7 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         cli.fail(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.cache:
-        cli.existing(os.path.join(args.cache, "index.json"), "--cache (a folder written by cache.py)")
+        cli.existing(os.path.join(args.cache, "index.json"), "--cache (a folder written by python -m support.cache)")
     elif args.data != "synthetic":
         cli.existing(args.root, "--root (a folder of clips, see data.py prepare)", "dir")
     for path, what in ((args.flist, "--flist"), (checkpoint.resolve_stored(args.tiny_bases), "--tiny-bases")):
@@ -105,7 +107,6 @@ def joint_loss(model, bases, batch, args, step, offset=0, joint=True):
     Every random draw of sample j comes from its own generator seeded by (seed, step, offset + j), so a run is
     reproducible from its step alone (exact resume) and does not depend on how a global batch is split over GPUs
     or micro-batches (offset = the batch's position in the step's global batch)."""
-    from cache import cached_inputs
     dev, B, P = args.device, len(batch["caption"]), bases.prediction_type
     gens = [torch.Generator().manual_seed((args.seed << 40) + (step << 16) + offset + j) for j in range(B)]
     randn = lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(dev)
@@ -251,9 +252,6 @@ def main(argv=None):
 
 
 def run(args):
-    from cache import CachedClips
-    from data import build_dataset
-    from model import build_model, cast_frozen
     try:  # the data before the weights: a bad --root fails in seconds, not after minutes of loading
         dataset = CachedClips(args.cache, args.size, args.fps) if args.cache else build_dataset(
             args.data, "train", root=args.root, flist=args.flist, fps=args.fps, size=64 if args.size == "tiny" else 256,

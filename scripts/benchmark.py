@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cache  # noqa: E402  (the repository's top-level modules)
+from support import cache  # noqa: E402  (the repository's top-level modules)
 import train  # noqa: E402
 from data import build_dataset  # noqa: E402
 from model import build_model  # noqa: E402

@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import av_align  # noqa: E402
-from base_models import PoolVideoAE  # noqa: E402
-from data import TEST_SEED, write_mp4  # noqa: E402
-from synthetic import synthetic_clip  # noqa: E402
+from support.tiny import PoolVideoAE  # noqa: E402
+from support.media import write_mp4  # noqa: E402
+from support.synthetic import TEST_SEED  # noqa: E402
+from support.synthetic import synthetic_clip  # noqa: E402
 
 FPS, SR = 8, 16000
 

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import av_align  # noqa: E402
-from synthetic import synthetic_clip  # noqa: E402
+from support.synthetic import synthetic_clip  # noqa: E402
 
 
 def panel(frames, audio, fps, sr, every=2):

@@ -19,7 +19,6 @@ Left out: the paper measured the loss "in the experiment" (its training); the pe
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
-import cli  # noqa: E402
+from support import cli  # noqa: E402
 from base_models import load_base_models  # noqa: E402
 from data import build_dataset  # noqa: E402
 from model import audio_forward, video_forward  # noqa: E402
@@ -154,7 +153,7 @@ def main(argv=None):
     except (RuntimeError, ValueError) as e:  # weights offline, missing data: one line
         sys.exit(f"error: {e}")
     if a.ckpt:  # the trained base U-Nets, by their names in the joint model ("video_unet.*", "audio_unet.*")
-        import checkpoint
+        from support import checkpoint
         holder = torch.nn.Module()
         holder.video_unet, holder.audio_unet = bases.video_unet, bases.audio_unet
         folder, _ = checkpoint.latest(a.ckpt, "base")

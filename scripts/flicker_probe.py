@@ -6,7 +6,7 @@
   python scripts/flicker_probe.py tolerance --gen runs/flicker/base_x_v.pt          # peaks vs scaled generated jitter
   python scripts/flicker_probe.py score --gen runs/flicker/base_x_v.pt              # flicker() of saved latents
 
-train: the tiny video U-Net of base_models._tiny (or a variant: --std of the codec's latent distribution, motion-module
+train: the tiny video U-Net of support/tiny.tiny_parts (or a variant: --std of the codec's latent distribution, motion-module
 heads / transformer layers, the output parameterisation) trained alone on the synthetic train clips by Eq. (7) (Adam,
 cosine lr, EMA 0.995, batch 8, caption dropout 0.1: stage "base" of train.py, without the audio U-Net), then sampled
 for the first 16 held-out test captions (DDIM T = 25, guidance 7.5, noise seeds 10**4 + i as check_synthetic.py).
@@ -30,21 +30,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
 import av_align  # noqa: E402
-from base_models import PoolVideoAE, _tiny, load_base_models  # noqa: E402
-import cli  # noqa: E402
-from data import TEST_SEED  # noqa: E402
+from base_models import load_base_models  # noqa: E402
+from support.tiny import PoolVideoAE, tiny_parts  # noqa: E402
+from support import cli  # noqa: E402
 from model import video_forward  # noqa: E402
-from synthetic import synthetic_clip  # noqa: E402
+from support.synthetic import TEST_SEED, synthetic_clip  # noqa: E402
 from timesteps import add_noise, alpha_bar_table, ddim_step, local_timesteps, predict_x0, target, to_eps  # noqa: E402
 
 FPS, SR = 8, 16000
 
 
 def video_unet(heads=2, layers=1):
-    """base_models._tiny's video U-Net, seeded as load_base_models seeds it, with motion-module options."""
+    """support/tiny.tiny_parts's video U-Net, seeded as load_base_models seeds it, with motion-module options."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return _tiny(motion_heads=heads, motion_layers=layers)["video_unet"]
+        return tiny_parts(motion_heads=heads, motion_layers=layers)["video_unet"]
 
 
 def latents(seeds):
@@ -164,7 +164,7 @@ def main(argv=None):
     p.add_argument("--num-clips", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)  # train.py's tiny default
     p.add_argument("--std", type=float, default=0.01)  # PoolVideoAE.std
-    p.add_argument("--heads", type=int, default=2)  # base_models._tiny: motion_num_attention_heads
+    p.add_argument("--heads", type=int, default=2)  # support/tiny.tiny_parts: motion_num_attention_heads
     p.add_argument("--layers", type=int, default=1)  # transformer layers per motion module
     p.add_argument("--pred", default="v_prediction", choices=["v_prediction", "epsilon", "sample"])
     p.add_argument("--num-test", type=int, default=16)

@@ -30,13 +30,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
-import checkpoint  # noqa: E402
-import cli  # noqa: E402
+from support import checkpoint  # noqa: E402
+from support import cli  # noqa: E402
 import av_align  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
-from data import build_dataset, log_mel, normalize_wav, write_mp4  # noqa: E402
-from synthetic import synthetic_clip  # noqa: E402
+from data import build_dataset, log_mel, normalize_wav  # noqa: E402
+from support.media import write_mp4  # noqa: E402
+from support.synthetic import synthetic_clip  # noqa: E402
 from model import build_model  # noqa: E402
 from sample import generate  # noqa: E402
 
@@ -89,7 +90,7 @@ def train_runs(a, out, log):
     """Stage 'base' once, then stage 'joint' for every (conditioner, seed); train.py's own CLI, resumable."""
     cache = out / "cache"
     if not (cache / "index.json").exists():  # the frozen encoders run once per clip (cache.py), not every step
-        import cache as cache_py
+        from support import cache as cache_py
         cache_py.main(["--data", "synthetic", "--size", "tiny", "--num-clips", str(a.train_clips), "--out", str(cache),
                        "--device", a.device])
     common = ["--data", "synthetic", "--size", "tiny", "--base-steps", str(a.base_steps), "--batch-size",

@@ -96,7 +96,7 @@ def test_pretrained_offline_error_is_one_line(tmp_path):
 
 
 def test_shipped_tiny_base_models_load_strictly(tmp_path):
-    import cli
+    from support import cli
     from safetensors.torch import load_file, save_file
     random, shipped = load_base_models("tiny"), load_base_models("tiny", tiny_bases=cli.TINY_BASES)
     sd = load_file(cli.TINY_BASES)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import cache
+from support import cache
 import train
 from data import build_dataset
 from model import build_model

@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import synthetic  # noqa: E402
+from support import media  # noqa: E402
+from support import synthetic  # noqa: E402
 
 LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "datasets")  # the official lists, in the repo
 
@@ -29,12 +30,12 @@ def clips(tmp_path_factory):
     """A small library of good and bad files, written once for the module."""
     d = tmp_path_factory.mktemp("clips")
     c = synthetic.synthetic_clip(3)
-    data.write_mp4(d / "good-000.mp4", c["frames"], 8, c["audio"])
+    media.write_mp4(d / "good-000.mp4", c["frames"], 8, c["audio"])
     lavfi_clip(d / "stereo48k30fps-000.mp4", 5)  # stereo, 48 kHz, 30 fps, 320x240: resampled, kept
     lavfi_clip(d / "noaudio-000.mp4", 5, audio=False)
     lavfi_clip(d / "short-000.mp4", 2)  # only 2 s
     (d / "corrupt-000.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
-    data.write_mp4(d / "silent-000.mp4", c["frames"], 8, np.zeros(64000, np.float32))
+    media.write_mp4(d / "silent-000.mp4", c["frames"], 8, np.zeros(64000, np.float32))
     return d, c
 
 
@@ -141,7 +142,7 @@ def test_read_clip_timing_from_30fps_source(tmp_path):
         frames[(idx >> b) & 1 == 1, :, 16 * b: 16 * b + 16] = 255
     audio = np.zeros(5 * 48000, np.float32)
     audio[int(2.5 * 48000):][:96] = 0.9
-    data.write_mp4(tmp_path / "bits.mp4", frames, 30, audio, sr=48000)
+    media.write_mp4(tmp_path / "bits.mp4", frames, 30, audio, sr=48000)
     got, a = data.read_clip(tmp_path / "bits.mp4", 8, start=0.5, max_pad=0)
     shown = [sum(int(f[16, 16 * b + 8, 0] > 127) << b for b in range(8)) for f in got]
     assert shown == [int(np.floor((0.5 + k / 8) * 30 + 1e-9)) for k in range(32)]
@@ -151,8 +152,8 @@ def test_read_clip_timing_from_30fps_source(tmp_path):
 def test_writers_replace_files_and_links_never_write_through(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    for name, write in (("a.wav", lambda p: data.write_wav(p, np.zeros(160))),
-                        ("a.mp4", lambda p: data.write_mp4(p, np.zeros((4, 16, 16, 3), np.uint8), 8, np.zeros(8000)))):
+    for name, write in (("a.wav", lambda p: media.write_wav(p, np.zeros(160))),
+                        ("a.mp4", lambda p: media.write_mp4(p, np.zeros((4, 16, 16, 3), np.uint8), 8, np.zeros(8000)))):
         os.symlink(victim, tmp_path / name)
         write(tmp_path / name)
         assert victim.read_text() == "precious" and not (tmp_path / name).is_symlink()

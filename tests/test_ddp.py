@@ -11,7 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-import cli
+from support import cli
 import train
 from model import build_model
 

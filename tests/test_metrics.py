@@ -404,13 +404,13 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_damaged_or_short_clips_fail_per_file_and_the_output_opens_first(tmp_path, monkeypatch, capsys):
-    import data
+    from support import media
     gen = tmp_path / "gen"
     gen.mkdir()
-    data.write_mp4(gen / "good.mp4", make_frames(), FPS, make_audio(HIT_TIMES))  # as sample.py writes (faststart)
+    media.write_mp4(gen / "good.mp4", make_frames(), FPS, make_audio(HIT_TIMES))  # as sample.py writes (faststart)
     whole = (gen / "good.mp4").read_bytes()
     (gen / "cut.mp4").write_bytes(whole[:len(whole) * 6 // 10])  # its header still lists 32 frames; 7 decode
-    data.write_mp4(gen / "short.mp4", make_frames()[:16], FPS, make_audio(HIT_TIMES)[:2 * SR])  # 2 s of a 4 s clip
+    media.write_mp4(gen / "short.mp4", make_frames()[:16], FPS, make_audio(HIT_TIMES)[:2 * SR])  # 2 s of a 4 s clip
     res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "1", "--out", str(tmp_path / "r.json")])
     failed = json.loads((tmp_path / "r.json").read_text())["failed_files"]
     assert res["av_align_iou/gen"] == 1.0 and set(failed) == {str(gen / "cut.mp4"), str(gen / "short.mp4")}

@@ -12,7 +12,8 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from safetensors.torch import load_file, save_file
 
-import official
+from support import released as official
+from support import released_folder
 from model import JointModel, build_model
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "official"
@@ -121,8 +122,8 @@ def test_full_size_manifest_maps_one_to_one():
 
 def test_export_then_import_is_bit_exact(tmp_path, released):
     model, t, info = released
-    official.export_official(model, tmp_path / "unet_svg")
-    config, sd = official.read_unet_svg(tmp_path / "unet_svg")
+    released_folder.export_official(model, tmp_path / "unet_svg")
+    config, sd = released_folder.read_unet_svg(tmp_path / "unet_svg")
     assert set(sd) == {k[len("state_dict."):] for k in t if k.startswith("state_dict.")}
     again = JointModel.from_official(model.video_unet, model.audio_unet, config, sd)
     a, b = model.state_dict(), again.state_dict()
@@ -154,9 +155,9 @@ def write_pipe(folder, weights="bin"):
     from diffusers import AutoencoderKL
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-    from base_models import _tiny, byte_tokenizers
+    from support.tiny import byte_tokenizers, tiny_parts
     torch.manual_seed(0)
-    parts, (tok_v, tok_a) = _tiny(), byte_tokenizers()
+    parts, (tok_v, tok_a) = tiny_parts(), byte_tokenizers()
     vae = lambda c, z, n: AutoencoderKL(in_channels=c, out_channels=c, latent_channels=z, block_out_channels=(8,) * n,
                                         down_block_types=("DownEncoderBlock2D",) * n, layers_per_block=1,
                                         up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=8)

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import base_models  # noqa: F401  (imported here: the forked training processes then need not import diffusers)
-import cache  # noqa: F401
-import checkpoint
+from support import cache  # noqa: F401
+from support import checkpoint
 import data  # noqa: F401
 import model  # noqa: F401
 import train
@@ -159,7 +159,7 @@ def test_one_process_per_run_and_no_silent_restart(tmp_path, capsys):
 
 def test_run_config_stores_the_shipped_bases_relative_to_the_repository(tmp_path):
     """A moved clone still samples its runs; a run written before (absolute path) still resumes."""
-    import cli
+    from support import cli
     assert checkpoint.stored_path(cli.TINY_BASES) == os.path.join("weights", "tiny_bases.safetensors")
     assert checkpoint.resolve_stored(checkpoint.stored_path(cli.TINY_BASES)) == cli.TINY_BASES
     outside = str(tmp_path / "b.safetensors")

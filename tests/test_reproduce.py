@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import fig2  # noqa: E402
 import av_align  # noqa: E402
 import reproduce  # noqa: E402
-from synthetic import synthetic_clip  # noqa: E402
+from support.synthetic import synthetic_clip  # noqa: E402
 
 QUICK = ["--quick", "--gammas", "1", "3", "--crossattn-gammas", "1"]  # fewer rows than the default: CI time
 
@@ -135,10 +135,11 @@ def test_flicker_probe_trains_the_shipped_design_and_counts_as_av_align():
     """scripts/flicker_probe.py: its default video U-Net is base_models' tiny one (same seeded weights), its decoder
     is BaseModels.decode_video, and its peak counts are av_align's on those frames (real clips: the strikes)."""
     import flicker_probe
-    from base_models import _tiny, load_base_models
+    from base_models import load_base_models
+    from support.tiny import tiny_parts
     with torch.random.fork_rng():
         torch.manual_seed(0)  # as load_base_models builds them
-        want = _tiny()["video_unet"].state_dict()
+        want = tiny_parts()["video_unet"].state_dict()
     got = flicker_probe.video_unet().state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     z = torch.randn(2, 4, 32, 8, 8)

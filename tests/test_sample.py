@@ -113,7 +113,7 @@ def test_pipeline_equals_cli_and_honours_seconds(run, tmp_path):
 
 
 def test_run_config_is_honoured(run, tmp_path, monkeypatch, capsys):
-    import checkpoint
+    from support import checkpoint
     cfg = json.load(open(run / "joint" / "config.json"))
     other = copy_run(run, tmp_path / "other")  # the same run, as if trained on other (pretrained) base models
     json.dump(dict(cfg, size="pretrained", video_base="someone/sd15-finetune"), open(other / "joint" / "config.json", "w"))

@@ -17,7 +17,12 @@ BASES = dict(video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
 
 # the tiny base models, trained once on the synthetic clips (docs/results.md says how): the tiny size's "pretrained"
 # AnimateDiff and AudioLDM, so that the demo trains what the paper trains
-TINY_BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny_bases.safetensors")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # support/ lies in the repository root
+TINY_BASES = os.path.join(REPO, "weights", "tiny_bases.safetensors")
+
+
+class WeightsNotFound(RuntimeError):
+    """Pretrained weights are not available (offline); str(e) is one line that CLIs print as is."""
 
 
 def add_base_args(p):

@@ -1,5 +1,6 @@
 """The authors' released model (SonyResearch/SVG_baseline, commit e8ebd06) on our modules, as nanoGPT's
-GPT.from_pretrained("gpt2") loads GPT-2: its `unet_svg` config and parameter names, and its `pipe/` folder.
+GPT.from_pretrained("gpt2") loads GPT-2: its `unet_svg` config and parameter names (model.JointModel.from_official).
+Folders (`pipe/`, `unet_svg/`) are read and written by support/released_folder.py.
 
 cmcpe.py already uses the released names inside every module; only the containers differ:
   connector_in_<video|audio>.<0|1>.<j>.0.[transformer_blocks.0.]X  <->  blocks_<v|a>.<k>.X   (k = 0..3: down2, down3,
@@ -9,14 +10,9 @@ cmcpe.py already uses the released names inside every module; only the container
 Left out: the released config variants it never trained (other with_connector, channel_mult_connector,
 num_blocks_connector, connector_out_input "x_cur"): they are refused with one line.
 """
-import json
-import os
-
+import diffusers
 import torch
-from safetensors.torch import load_file, save_file
 
-PIPE_PARTS = ("unet_svg", "unet_v", "unet_a", "vae_v", "vae_a", "text_encoder_v", "text_encoder_a", "tokenizer_v",
-              "tokenizer_a", "vocoder")  # the subfolders of the released pipe/ (VideoAudioGenWithSVGPipeline)
 RELEASED = dict(with_connector=[False, False, True, True], channel_mult_connector=[2, 4], num_blocks_connector=[1, 1],
                 connector_out_input="x_pred")  # what our modules implement (config_greatesthits.json)
 IN_TYPE = {"additive": "cmcpe", "attn": "crossattn"}  # released connector_in_type -> our conditioner
@@ -104,7 +100,6 @@ def load_official(model, state_dict, where="unet_svg"):
 
 def official_config(model):
     """The unet_svg config.json that the released UNetModelSVG(**config) rebuilds our modules from."""
-    import diffusers
     c = model.config
     connector = dict(RELEASED, connector_channel=c["context_channels"],
                      connector_in_type={v: k for k, v in IN_TYPE.items()}[c["conditioner"]])
@@ -115,68 +110,3 @@ def official_config(model):
                                          time_embedding_dim=base.get("time_embedding_dim"))
     return {"_class_name": "UNetModelSVG", "_diffusers_version": diffusers.__version__, "_time_align": c["time_align"],
             "_fps": c["fps"], "connector_audio_config": connector, "connector_video_config": connector, **bases}
-
-
-def export_official(model, folder):
-    """Write our added modules as a released-format unet_svg/ folder (config.json + safetensors), atomically."""
-    os.makedirs(folder, exist_ok=True)
-    if model.config["time_align"] != "index":
-        print(f"note: {folder}: this model resamples by seconds; the official code resamples by index, so it will "
-              "compute a slightly different function there (ours reads '_time_align' back)")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in added_state(model).items()}
-    for name, write in (("diffusion_pytorch_model.safetensors", lambda p: save_file(tensors, p)),
-                        ("config.json", lambda p: open(p, "w").write(json.dumps(official_config(model), indent=2)))):
-        write(os.path.join(folder, name + ".tmp"))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-
-
-def read_unet_svg(folder):
-    """-> (config dict, state_dict) of a unet_svg/ folder: .safetensors, or the training script's .bin (loaded
-    with weights_only=True: tensors only, never arbitrary pickled objects)."""
-    try:
-        config = json.load(open(os.path.join(folder, "config.json")))
-    except (OSError, ValueError) as e:
-        raise OfficialFormatError(f"{folder}/config.json: {type(e).__name__}: {e}") from None
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            try:
-                sd = load_file(path) if name.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
-            except Exception as e:  # damaged file, or a pickle that holds more than tensors
-                raise OfficialFormatError(f"{path}: cannot be read as tensors ({type(e).__name__})") from None
-            return config, sd
-    raise OfficialFormatError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
-
-
-def is_pipe(path):
-    return path is not None and all(os.path.isdir(os.path.join(path, p)) for p in PIPE_PARTS)
-
-
-def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None):
-    """A released pipe/ folder -> (JointModel, BaseModels), everything from it: its unet_v carries the trained
-    motion modules (App. A.2), so it replaces the public adapter; scheduler_v/_a are read if present."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNetMotionModel
-    from transformers import (ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer,
-                              SpeechT5HifiGan)
-
-    from base_models import assemble
-    from model import JointModel
-    config, sd = read_unet_svg(os.path.join(folder, "unet_svg"))
-    kinds = dict(unet_v=UNetMotionModel, unet_a=UNet2DConditionModel, vae_v=AutoencoderKL, vae_a=AutoencoderKL,
-                 text_encoder_v=CLIPTextModel, text_encoder_a=ClapTextModelWithProjection, tokenizer_v=CLIPTokenizer,
-                 tokenizer_a=RobertaTokenizer, vocoder=SpeechT5HifiGan)
-    parts = {}
-    for name, cls in kinds.items():
-        kw = dict(low_cpu_mem_usage=False) if cls.__module__.startswith("diffusers") else {}  # no accelerate notice
-        try:
-            parts[name] = cls.from_pretrained(os.path.join(folder, name), **kw)
-        except (OSError, ValueError) as e:
-            raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__} ({type(e).__name__})") \
-                from None
-    schedulers = {m: DDIMScheduler.from_pretrained(os.path.join(folder, f"scheduler_{m}")).config
-                  for m in "va" if os.path.isdir(os.path.join(folder, f"scheduler_{m}"))}
-    bases = assemble(dict(video_unet=parts.pop("unet_v"), audio_unet=parts.pop("unet_a"), **parts), "pretrained",
-                     device, dtype, fps, video_size or 256, schedulers)  # 256x256 frames: Sec. 4.1.2
-    model = JointModel.from_official(bases.video_unet, bases.audio_unet, config, sd, fps=fps)
-    return model, bases

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from support.cli import REPO
+
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
 STAGES = ("joint", "base")
 # train.py arguments that change a run's trajectory: --resume refuses to change them (unless --allow-changed-args)
@@ -24,7 +26,6 @@ TRAJECTORY = ("data", "root", "flist", "cache", "num_clips", "size", "conditione
               "optimizer", "max_grad_norm", "p_self_cond", "p_uncond", "shared_t", "ema_decay", "precision", "seed",
               "base_steps", "tiny_bases")
 SUFFIXES = ("", ".tmp", ".old")
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def stored_path(path):

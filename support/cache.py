@@ -7,7 +7,7 @@ its own seeded noise per step, exactly as on the fly (train.joint_loss); and the
 caption plus of the empty caption "", which classifier-free-guidance caption dropout (p = 0.1: the official code, not
 the paper) substitutes per sample.
 
-  python cache.py --data synthetic --size tiny --out cache/synthetic-tiny
+  python -m support.cache --data synthetic --size tiny --out cache/synthetic-tiny
   python train.py --data synthetic --size tiny --cache cache/synthetic-tiny
 
 Layout of the folder: shard_00000.safetensors, ... (video_mean, video_std (N, 4, F, h, w); mel_mean, mel_std
@@ -23,7 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import cli
+from base_models import load_base_models
+from data import build_dataset
+from support import cli
 
 KEYS = ("video_mean", "video_std", "mel_mean", "mel_std")  # per clip, as BaseModels.encode_video / encode_audio give
 
@@ -114,8 +116,6 @@ def cached_inputs(batch, captions, device):
 
 
 def main(argv=None):
-    from data import build_dataset  # here, not at the top: CachedClips (used by train.py) needs no ffmpeg
-    from base_models import load_base_models
     p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="greatesthits", choices=["greatesthits", "landscape", "vggsound", "synthetic"])
     p.add_argument("--root", default=None, help="folder of prepared clips (as train.py)")

@@ -10,7 +10,10 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from support.media import atomic_write, write_mp4, write_wav
+
 SR = 16000
+TEST_SEED = 10 ** 6  # synthetic clips: train seeds 0.., held-out test seeds 10**6..
 
 COLOURS = dict(red=(215, 45, 40), green=(50, 170, 60), blue=(45, 85, 215), yellow=(235, 205, 40), white=(235, 235, 230))
 SHAPES = ("box", "ball", "bowl")
@@ -78,7 +81,6 @@ def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
 def write_synthetic(out, num, fps=8, size=64, split="test"):
     """Synthetic clips as files: <name>.mp4 (with sound) + <name>.wav and captions.txt (the official list format),
     e.g. a reference folder for metrics.py --ref (held-out test seeds by default)."""
-    from data import TEST_SEED, _atomic, write_mp4, write_wav
     os.makedirs(out, exist_ok=True)
     seeds = range(TEST_SEED if split == "test" else 0, (TEST_SEED if split == "test" else 0) + num)
     lines = []
@@ -87,5 +89,5 @@ def write_synthetic(out, num, fps=8, size=64, split="test"):
         write_wav(os.path.join(out, name + ".wav"), c["audio"])
         write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
         lines.append(f'{name}.mp4,"{c["caption"]}"\n')
-    _atomic(os.path.join(out, "captions.txt"), lambda tmp: open(tmp, "w").writelines(lines))
+    atomic_write(os.path.join(out, "captions.txt"), lambda tmp: open(tmp, "w").writelines(lines))
     print(f"wrote {num} clips (.mp4 + .wav) and captions.txt to {out}")
