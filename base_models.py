@@ -5,10 +5,9 @@ Audio: AudioLDM-m-full (`UNet2DConditionModel`, CLAP text embedding as class lab
 Both DDIM noise schedules (the paper's {beta_t} of Eq. 1, one per modality).
 
 Three sizes:
-  "tiny"       random U-Nets / text encoders with the real classes and block layout but narrow channels, and FIXED
-               simple autoencoders (pooling + a fixed linear map) and a Griffin-Lim vocoder: a CPU demo learns in
-               minutes (issue 3). The tiny U-Nets predict v, not eps (README, deviations): a tiny eps model's eps
-               MSE at t = 1000 is ~0.01, and Eq. (6) divides the error by sqrt(alpha_bar) = 0.012 (audio) in x0_hat;
+  "tiny"       random U-Nets / text encoders with the real classes and block layout but narrow channels, FIXED
+               simple autoencoders and a Griffin-Lim vocoder (support/tiny.py): a CPU demo learns in minutes. They
+               predict v, not eps (README, deviations);
   "full"       the real architectures from configs/*.json with random weights (parameter counts, GPU benchmarks);
                buildable on the `meta` device;
   "pretrained" real weights by hub id or local folder (offline without them: `WeightsNotFound`, one line).
@@ -90,7 +89,7 @@ def _pretrained(video_base, motion_adapter, audio_base):
 
 
 class BaseModels(nn.Module):
-    """Frozen base models (requires_grad False, eval mode) and their data <-> latent maps (notes §4)."""
+    """Frozen base models (requires_grad False, eval mode) and their data <-> latent maps, as in diffusers pipelines."""
 
     def __init__(self, size, fps, video_size, tokenizer_v, tokenizer_a, schedulers=None, **modules):
         super().__init__()
@@ -100,9 +99,11 @@ class BaseModels(nn.Module):
             setattr(self, name, modules[name])
         # {beta_t} of Eq. (1) per modality, as alphas_cumprod (1000,): AnimateDiff linear, AudioLDM scaled_linear
         self.prediction_type = {}  # what each U-Net outputs: "epsilon" (the real ones) or "v_prediction" (tiny)
+        self.scheduler_config = {}  # each modality's DDIM config: its timestep grid (support/official_grid.py)
         for m, name in (("v", "animatediff_ddim_scheduler.json"), ("a", "audioldm_ddim_scheduler.json")):
             sched = DDIMScheduler.from_config((schedulers or {}).get(m) or _cfg(name))  # a pipe/'s own, if it has them
             self.register_buffer(f"alphas_cumprod_{m}", sched.alphas_cumprod.clone())
+            self.scheduler_config[m] = dict(sched.config)
             self.prediction_type[m] = "v_prediction" if size == "tiny" else sched.config.prediction_type
         self.requires_grad_(False).eval()
 

@@ -1,13 +1,17 @@
 """Cross-modal conditioning: the connectors and CMC-PE (Sec. 3.3.2, Fig. 1, Fig. 3b, App. A.2), and the
 cross-attention baseline (Sec. 3.3.1, Fig. 3a, Table 1 row 1), computed exactly as the authors' released model.
 
-Data flow (model.py wires it): Connector([x_t ; x0_hat], emb(t)) -> pooled to one vector per time step -> the OTHER
-U-Net's CMCPE blocks: the sequence is projected, resampled onto the feature's time axis, broadcast over its non-time
-axes and ADDED like a positional encoding, then self-attention runs. Parameter names are the released `unet_svg`'s
-(official.py maps only the prefixes), so its weights load. A `# released:` comment marks every place where the
-released model does more or other than the paper's words. Our one addition is `time_align="seconds"` (time_weights).
-The video connector's spatio-temporal attention lives in video_attention.py. Left out: dropout (0 in the release),
-the connector variant without self-conditioning ("x_cur"), the CoDi modules the release never builds.
+Data flow (model.py wires it): Connector([x_t ; x0_hat], emb(t)) -> pool_sequence: one vector per time step -> the
+OTHER U-Net's CMCPE blocks. There, Fig. 3b step by step: context_encoding projects the sequence and INTERPOLATES it
+onto the feature's time axis, it is BROADCAST over the feature's non-time axes and ADDED like a positional encoding,
+then SELF-ATTENTION runs. Parameter names are the released `unet_svg`'s (support/released.py maps only the prefixes),
+so its weights load. A `# released:` comment marks every place where the released model does more or other than the
+paper's words. Our one addition is `time_align="seconds"` (time_weights). The video connector's spatio-temporal
+attention lives in support/video_attention.py. Left out: dropout (0 in the release), the connector variant without
+self-conditioning ("x_cur"), the CoDi modules the release never builds.
+
+Lengths: L is a feature's number of time steps (video frames or audio rows at that U-Net level), L_c a context
+sequence's, S the tokens per time step (H*W pixels or M mel bins); C, C_c their channels.
 """
 import torch
 import torch.nn as nn
@@ -18,17 +22,38 @@ from support.video_attention import SpatioTemporalAttention, group_norm, zero
 TIME_ALIGN = ("seconds", "index")  # ours (default for new runs) / the released model's nearest-by-index
 
 
-def time_weights(T_x, sec_x, T_c, sec_c):
-    """(T_x, T_c) resampling from a context time axis onto a feature time axis BY SECONDS (ours): x-frame i covers
-    [i*sec_x, (i+1)*sec_x), c-frame k [k*sec_c, (k+1)*sec_c); W[i, k] is c-frame k's share of x-frame i's overlap
-    (a row past the context's end is 0). The released model takes frame floor(i * T_c / T_x) (F.interpolate's
+def time_weights(L_x, sec_x, L_c, sec_c):
+    """(L_x, L_c) resampling from a context time axis onto a feature time axis BY SECONDS (ours): x-step i covers
+    [i*sec_x, (i+1)*sec_x), c-step j [j*sec_c, (j+1)*sec_c); W[i, j] is c-step j's share of x-step i's overlap
+    (a row past the context's end is 0). The released model takes step floor(i * L_c / L_x) (F.interpolate's
     nearest): it stretches a padded 4.16 s audio context over 4 s of video, 4 % too slow."""
-    i, k = torch.arange(T_x, dtype=torch.float64), torch.arange(T_c, dtype=torch.float64)
-    start = torch.maximum(i[:, None] * sec_x, k[None, :] * sec_c)
-    end = torch.minimum((i[:, None] + 1) * sec_x, (k[None, :] + 1) * sec_c)
+    i = torch.arange(L_x, dtype=torch.float64)[:, None]
+    j = torch.arange(L_c, dtype=torch.float64)[None, :]
+    start = torch.maximum(i * sec_x, j * sec_c)
+    end = torch.minimum((i + 1) * sec_x, (j + 1) * sec_c)
     overlap = (end - start).clamp(min=0)
     overlap[overlap < 1e-9 * min(sec_x, sec_c)] = 0  # touching spans (float round-off), not overlapping ones
     return (overlap / overlap.sum(1, keepdim=True).clamp(min=1e-30)).float()
+
+
+def self_conditioning_input(x_t, x0_hat):
+    """The connector's input [x_t ; x0_hat] (Sec. 3.3.2: self-conditioning, Chen et al., 2022): x0_hat is the Eq. (6)
+    estimate of the previous step, None (= zeros) at the first step; concatenated along channels."""
+    return torch.cat([x_t, torch.zeros_like(x_t) if x0_hat is None else x0_hat], 1)
+
+
+def pool_sequence(z):
+    """CMC-PE's context: connector map (B, C_c, F, h, w) / (B, C_c, L_c, M) -> (B, C_c, L_c), one vector per time step
+    (mean over the non-time axes). released: then divided by its L2 norm over TIME (not channels), no epsilon."""
+    z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
+    return z / torch.norm(z, dim=-1, keepdim=True)
+
+
+def pool_vector(z):
+    """The cross-attention baseline's context (Fig. 3a, CoDi): connector map -> ONE vector (B, 1, C_c), the mean over
+    every non-channel axis, L2-normalised over channels."""
+    z = z.mean(2).mean(2).mean(2) if z.dim() == 5 else z.mean(2).mean(2)
+    return (z / torch.norm(z, dim=-1, keepdim=True)).unsqueeze(1)
 
 
 class GEGLU(nn.Module):
@@ -53,11 +78,12 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over (N, S, dim) tokens, self-attention when context is None; q, k, v without bias."""
+    """Multi-head attention over (N, tokens, dim), self-attention when context is None; q, k, v without bias."""
 
     def __init__(self, dim, heads, dim_head, context_dim=None):
         super().__init__()
-        self.heads, inner = heads, heads * dim_head
+        self.heads = heads
+        inner = heads * dim_head
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
@@ -65,24 +91,29 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         c = x if context is None else context
-        q, k, v = (f(z).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (N, heads, S, dim_head)
-                   for f, z in ((self.to_q, x), (self.to_k, c), (self.to_v, c)))
-        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (N, S, dim)
+        # (N, tokens, inner) -> (N, heads, tokens, dim_head)
+        split = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(c)), split(self.to_v(c)))
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (N, heads, tokens, dim_head) -> (N, tokens, dim)
 
 
-class AdditiveCondition(Attention):
-    """The core of CMC-PE (Sec. 3.3.2): the other modality's sequence becomes a positional encoding of this one."""
+class ContextAttention(Attention):
+    """attn_c of a CMC-PE block: the self-attention that reads x + PE. released: the context encoder's two layers are
+    registered here too (so their names are attn_c.proj_c, attn_c.norm); context_encoding is what they compute."""
 
     def __init__(self, dim, heads, dim_head, context_dim):
         super().__init__(dim, heads, dim_head)
         self.proj_c = FeedForward(context_dim, dim)  # released: a GEGLU MLP per context step
         self.norm = group_norm(dim, eps=1e-6)  # released: GroupNorm over channels x ALL context steps
 
-    def encoding(self, ctx, T, weights=None):
-        """ctx (B, C_c, T_c) -> (B, C, T) on the feature's T time steps: by `weights` (time_weights) or, when None,
-        nearest by index as released."""
-        c = self.norm(self.proj_c(ctx.transpose(1, 2)).transpose(1, 2))  # (B, T_c, C_c) -> (B, C, T_c)
-        return F.interpolate(c, size=T) if weights is None else c @ weights.T.to(c)  # Fig. 3b: interpolate
+
+def context_encoding(attn_c, ctx, L, weights=None):
+    """Fig. 3b, the context encoder: the other modality's sequence ctx (B, C_c, L_c) -> a positional encoding
+    (B, C, L) on this feature's L time steps, resampled by `weights` (time_weights, (L, L_c)) or, when None, nearest
+    by index as released."""
+    c = attn_c.proj_c(ctx.transpose(1, 2))  # (B, C_c, L_c) -> (B, L_c, C): one C-vector per context step
+    c = attn_c.norm(c.transpose(1, 2))  # (B, C, L_c)
+    return F.interpolate(c, size=L) if weights is None else c @ weights.T.to(c)  # Fig. 3b: interpolate, (B, C, L)
 
 
 class CMCPE(nn.Module):
@@ -92,80 +123,82 @@ class CMCPE(nn.Module):
 
     def __init__(self, channels, context_channels, video, head_dim=8, time_align="seconds"):
         super().__init__()
-        C, heads = channels, channels // head_dim  # released: 8-wide heads (the U-Net's attention_head_dim)
-        self.video, self.time_align = video, time_align
-        self.norm, self.proj_in = group_norm(C, eps=1e-6), nn.Conv2d(C, C, 1)
-        self.attn_c = AdditiveCondition(C, heads, head_dim, context_channels)
-        self.attn_s, self.ff = Attention(C, heads, head_dim), FeedForward(C)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
+        C = channels
+        heads = C // head_dim  # released: 8-wide heads (the U-Net's attention_head_dim)
+        self.video = video
+        self.time_align = time_align
+        self.norm = group_norm(C, eps=1e-6)
+        self.proj_in = nn.Conv2d(C, C, 1)
+        self.attn_c = ContextAttention(C, heads, head_dim, context_channels)
+        self.attn_s = Attention(C, heads, head_dim)
+        self.ff = FeedForward(C)
+        self.norm1 = nn.LayerNorm(C)
+        self.norm2 = nn.LayerNorm(C)
+        self.norm3 = nn.LayerNorm(C)
         self.proj_out = zero(nn.Conv2d(C, C, 1))
 
-    @staticmethod
-    def pool(z):
-        """Connector map (B, C, F, h, w) / (B, C, T, M) -> context (B, C, T_c): mean over the non-time axes.
-        released: then divided by its L2 norm over TIME (not channels), without an epsilon."""
-        z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
-        return z / torch.norm(z, dim=-1, keepdim=True)
-
-    def attend(self, attn, x):  # released: video attends within each frame, audio over all T x M tokens
-        B, T, S, C = x.shape
-        return attn(x.reshape(B * T, S, C) if self.video else x.reshape(B, T * S, C)).view(B, T, S, C)
+    def attend(self, attn, x):  # released: video attends within each frame, audio over all L x S tokens
+        B, L, S, C = x.shape
+        tokens = x.reshape(B * L, S, C) if self.video else x.reshape(B, L * S, C)  # (B, L, S, C) -> (N, tokens, C)
+        return attn(tokens).view(B, L, S, C)  # (N, tokens, C) -> (B, L, S, C)
 
     def forward(self, h, ctx, sec_h, sec_c, num_frames=None):
-        """h: video (B*F, C, H, W) frames (num_frames = F) or audio (B, C, T, M); ctx (B, C_c, T_c); sec_h, sec_c:
-        seconds per time step of h and of ctx (used by time_align="seconds")."""
+        """h: video (B*F, C, H, W) frames (num_frames = F) or audio (B, C, L, M); ctx (B, C_c, L_c): the other
+        modality's pooled connector sequence; sec_h, sec_c: seconds per time step of h and of ctx (used by
+        time_align="seconds")."""
         if self.video:
             if num_frames is None or h.shape[0] % num_frames:
                 raise ValueError(f"video features (B*F, C, H, W): num_frames must divide {len(h)}, not {num_frames}")
-            x = h.unflatten(0, (-1, num_frames)).flatten(3).transpose(2, 3)  # (B*F, C, H, W) -> (B, F, H*W, C)
+            x = h.unflatten(0, (-1, num_frames)).transpose(1, 2).flatten(3)  # (B*F, C, H, W) -> (B, C, F, H*W)
         else:
-            x = h.permute(0, 2, 3, 1)  # (B, C, T, M) -> (B, T, M, C)
-        B, T, S, C = x.shape
-        # GroupNorm over ALL tokens (video: all frames together), as a 1x1 conv sees them: (B, C, T*S, 1)
-        x = self.proj_in(self.norm(x.reshape(B, T * S, C).transpose(1, 2)[..., None]))[..., 0]
-        x = x.transpose(1, 2).view(B, T, S, C)
-        weights = None if self.time_align == "index" else time_weights(T, sec_h, ctx.shape[-1], sec_c)
-        pe = self.attn_c.encoding(ctx, T, weights).transpose(1, 2)[:, :, None]  # (B, T, 1, C): broadcast over S
+            x = h  # (B, C, L, M)
+        B, C, L, S = x.shape
+        x = self.proj_in(self.norm(x))  # GroupNorm over ALL tokens (video: all frames together)
+        weights = None if self.time_align == "index" else time_weights(L, sec_h, ctx.shape[-1], sec_c)
+        pe = context_encoding(self.attn_c, ctx, L, weights)  # Fig. 3b: encode, interpolate: (B, C, L)
+        pe = pe.transpose(1, 2)[:, :, None]  # (B, C, L) -> (B, L, 1, C): Fig. 3b: broadcast over the S tokens
+        x = x.permute(0, 2, 3, 1)  # (B, C, L, S) -> (B, L, S, C): tokens for LayerNorm and attention
         x = self.norm1(x)
         x = x + self.attend(self.attn_c, x + pe)  # Fig. 3b: add like a positional encoding, then self-attention
         x = self.norm2(x)
         x = x + self.attend(self.attn_s, x)
         x = self.norm3(x)
         x = x + self.ff(x)
-        out = self.proj_out(x.reshape(B, T * S, C).transpose(1, 2)[..., None])[..., 0]  # (B, C, T*S)
-        if self.video:  # (B, C, F*H*W) -> (B*F, C, H, W)
-            return h + out.view(B, C, T, *h.shape[2:]).transpose(1, 2).reshape(h.shape)
-        return h + out.view(h.shape)
+        out = self.proj_out(x.permute(0, 3, 1, 2))  # (B, L, S, C) -> (B, C, L, S)
+        if self.video:
+            return h + out.transpose(1, 2).reshape(h.shape)  # (B, C, F, H*W) -> (B*F, C, H, W)
+        return h + out
 
 
 class CrossAttentionBlock(nn.Module):
-    """Sec. 3.3.1 / Fig. 3a baseline (CoDi's SpatialTransformer; Table 1 row 1): the other modality as ONE vector,
-    attended to by every token. With a single key the softmax is 1, so it adds the same to_out(to_v(c)) everywhere:
-    no temporally local information can reach the features. Video runs per frame. Identity at init."""
+    """Sec. 3.3.1 / Fig. 3a baseline (CoDi's SpatialTransformer; Table 1 row 1): the other modality as ONE vector
+    (pool_vector), attended to by every token. With a single key the softmax is 1, so it adds the same
+    to_out(to_v(c)) everywhere: no temporally local information can reach the features. Video runs per frame.
+    Identity at init."""
 
     def __init__(self, channels, context_channels, video, head_dim=8, time_align=None):
         super().__init__()
-        C, heads = channels, channels // head_dim
+        C = channels
+        heads = C // head_dim
         self.video = video
-        self.norm, self.proj_in = group_norm(C, eps=1e-6), nn.Conv2d(C, C, 1)
-        self.attn1, self.ff = Attention(C, heads, head_dim), FeedForward(C)
+        self.norm = group_norm(C, eps=1e-6)
+        self.proj_in = nn.Conv2d(C, C, 1)
+        self.attn1 = Attention(C, heads, head_dim)
+        self.ff = FeedForward(C)
         self.attn2 = Attention(C, heads, head_dim, context_dim=context_channels)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
+        self.norm1 = nn.LayerNorm(C)
+        self.norm2 = nn.LayerNorm(C)
+        self.norm3 = nn.LayerNorm(C)
         self.proj_out = zero(nn.Conv2d(C, C, 1))
 
-    @staticmethod
-    def pool(z):
-        """Connector map -> (B, 1, C): mean over every non-channel axis, L2-normalised over channels (CoDi)."""
-        z = z.mean(2).mean(2).mean(2) if z.dim() == 5 else z.mean(2).mean(2)
-        return (z / torch.norm(z, dim=-1, keepdim=True)).unsqueeze(1)
-
-    def forward(self, h, ctx, sec_h=None, sec_c=None, num_frames=None):  # h (N, C, H, W); ctx (B, 1, C_c)
+    def forward(self, h, ctx, sec_h=None, sec_c=None, num_frames=None):
+        """h: video (B*F, C, H, W) or audio (B, C, L, M); ctx (B, 1, C_c). sec_h, sec_c: unused (no time axis)."""
         c = ctx.repeat_interleave(num_frames, 0) if self.video else ctx  # one key per frame: (B*F, 1, C_c)
         x = self.proj_in(self.norm(h)).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, H*W, C)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), c)
         x = x + self.ff(self.norm3(x))
-        return h + self.proj_out(x.transpose(1, 2).reshape(h.shape))
+        return h + self.proj_out(x.transpose(1, 2).reshape(h.shape))  # (N, H*W, C) -> (N, C, H, W)
 
 
 class ResBlock(nn.Module):
@@ -184,32 +217,34 @@ class ResBlock(nn.Module):
 
 
 class Connector(nn.Module):
-    """Sec. 3.3.2 / App. A.2 connector (CoDi's environment encoder) on [x_t ; x0_hat] (self-conditioning with the
-    Eq. (6) estimate; zeros at the first step) and the frozen U-Net's own time embedding of t. The map keeps every
-    frame (video) and halves time (audio): conv, ResBlock(2 ch0) [+ STA], stride-2 conv, ResBlock(4 ch0) [+ STA],
-    GN-SiLU-conv to context_channels. Video runs its 2-D layers per frame."""
+    """Sec. 3.3.2 / App. A.2 connector (CoDi's environment encoder) on the self-conditioning input [x_t ; x0_hat] and
+    the frozen U-Net's own time embedding of t. The map keeps every frame (video) and halves time (audio): conv,
+    ResBlock(2 ch0) [+ STA], stride-2 conv, ResBlock(4 ch0) [+ STA], GN-SiLU-conv to context_channels. Video runs its
+    2-D layers per frame."""
 
     def __init__(self, latent_channels, model_channels, context_channels, emb_dim, video):
         super().__init__()
         c0, c1, c2 = model_channels // 2, 2 * model_channels, 4 * model_channels  # released channel_mult (2, 4)
         self.video = video
-        self.conv_in = nn.Conv2d(2 * latent_channels, c0, 3, padding=1)
-        self.res1, self.res2 = ResBlock(c0, c1, emb_dim), ResBlock(c1, c2, emb_dim)
+        self.conv_in = nn.Conv2d(2 * latent_channels, c0, 3, padding=1)  # 2x: x_t and x0_hat
+        self.res1 = ResBlock(c0, c1, emb_dim)
+        self.res2 = ResBlock(c1, c2, emb_dim)
         self.down = nn.Conv2d(c1, c1, 3, stride=2, padding=1)  # video: H, W of each frame; audio: time and mel
         if video:
-            self.attn1, self.attn2 = SpatioTemporalAttention(c1), SpatioTemporalAttention(c2)
+            self.attn1 = SpatioTemporalAttention(c1)
+            self.attn2 = SpatioTemporalAttention(c2)
         self.out = nn.Sequential(group_norm(c2), nn.SiLU(), nn.Conv2d(c2, context_channels, 3, padding=1))
 
-    def forward(self, x, x0_hat, emb):
-        """x, x0_hat: video (B, C, F, H, W) / audio (B, C, T, M); emb (B, D). -> (B, C_c, F, H/2, W/2) /
-        (B, C_c, T/2, M/2)."""
-        x = torch.cat([x, torch.zeros_like(x) if x0_hat is None else x0_hat], 1)  # Eq. (6) self-conditioning
+    def forward(self, x_t, x0_hat, emb):
+        """x_t, x0_hat (or None): video (B, C, F, H, W) / audio (B, C, L, M); emb (B, D).
+        -> video (B, C_c, F, H/2, W/2) / audio (B, C_c, L/2, M/2)."""
+        x = self_conditioning_input(x_t, x0_hat)  # (B, 2 C, ...)
         if not self.video:
             return self.out(self.res2(self.down(self.res1(self.conv_in(x), emb)), emb))
-        B, n = x.shape[0], x.shape[2]
+        B, num_frames = x.shape[0], x.shape[2]
         frames = lambda z: z.transpose(1, 2).flatten(0, 1)  # (B, C, F, H, W) -> (B*F, C, H, W)
-        video = lambda z: z.unflatten(0, (B, n)).transpose(1, 2)  # (B*F, C, H, W) -> (B, C, F, H, W)
-        emb = emb.repeat_interleave(n, 0)  # (B*F, D)
+        video = lambda z: z.unflatten(0, (B, num_frames)).transpose(1, 2)  # (B*F, C, H, W) -> (B, C, F, H, W)
+        emb = emb.repeat_interleave(num_frames, 0)  # (B*F, D)
         h = self.attn1(video(self.res1(self.conv_in(frames(x)), emb)))
         h = self.attn2(video(self.res2(self.down(frames(h)), emb)))
         return video(self.out(frames(h)))

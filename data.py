@@ -6,7 +6,7 @@ wheel's binary) cuts video and audio *by time*, so a clip always has exactly fps
 default is the procedural GreatestHits of synthetic.py. Files are written through temporary files renamed into place.
 Left out: random-start sampling, flips, LLaVA captioning, downloading the datasets.
 """
-import csv, os, re
+import csv, os, re, shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,11 +17,15 @@ import torch
 from tqdm import tqdm
 
 from support import cli
+from support.files import DiskFull
 from support.media import FFMPEG, _ffmpeg, write_mp4  # noqa: F401 (FFMPEG: the binary the tests use)
-from support.synthetic import TEST_SEED, synthetic_clip, write_synthetic
+from support.synthetic import FPS as SYNTHETIC_FPS, MAX_CLIPS, TEST_SEED, synthetic_clip, write_synthetic
 
-SR, HOP, N_FFT, N_MELS = 16000, 160, 1024, 64  # AudioLDM 16 kHz mel config (notes diffusers.md 4.1)
+SR, HOP, N_FFT, N_MELS = 16000, 160, 1024, 64  # AudioLDM 16 kHz mel config (its HiFi-GAN 16k-64 setup)
 VIDEO_EXT = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+# what the work can take, checked before any: above 60 fps ffmpeg only repeats frames (at 1e9 it filled the
+# memory); square sizes are multiples of 8 (the VAEs' factor, H.264's even sizes) up to twice Sec. 4.1.2's 256
+FPS, SIZE = (1, 60), (16, 512)
 
 
 # ---------------------------------------------------------------- AudioLDM features
@@ -158,6 +162,17 @@ def read_captions(path, clips=True):
     return rows
 
 
+def check_settings(name, fps=None, size=None, num_clips=None):
+    """Raises ValueError (one line) unless `name`'s clips can be made at this frame rate, size and count."""
+    lo, hi = SYNTHETIC_FPS if name == "synthetic" else FPS
+    if fps is not None and not lo <= fps <= hi:
+        raise ValueError(f"fps {fps} is outside [{lo}, {hi}] for {name} clips")
+    if size is not None and not (SIZE[0] <= size <= SIZE[1] and size % 8 == 0):
+        raise ValueError(f"size {size}: clips are {SIZE[0]}..{SIZE[1]} pixels square, a multiple of 8")
+    if name == "synthetic" and num_clips is not None and not 1 <= num_clips <= MAX_CLIPS:
+        raise ValueError(f"{num_clips} synthetic clips: a split has 1..{MAX_CLIPS} (its seeds)")
+
+
 def build_dataset(name, split, root=None, flist=None, fps=None, size=None, num_clips=None, id_filter=None):
     """name: synthetic | greatesthits | landscape | vggsound; split: train | test.
     greatesthits: root = folder of 4 s clips (from `prepare` or the authors' download), flist = flist_train.txt /
@@ -168,6 +183,7 @@ def build_dataset(name, split, root=None, flist=None, fps=None, size=None, num_c
       unmatch_videos), after which classes with < 120 clips are dropped as TempoTokens does."""
     if name not in ("synthetic", "greatesthits", "landscape", "vggsound"):
         raise ValueError(f"unknown dataset {name!r}: synthetic | greatesthits | landscape | vggsound")
+    check_settings(name, fps, size, num_clips)
     if name == "synthetic":  # offline default, 64x64 at 8 fps (Sec. 4.1.2 rate); test seeds offset: disjoint splits
         offset, n = (0, num_clips or 2048) if split == "train" else (TEST_SEED, num_clips or 64)
         return Clips(range(offset, offset + n), fps or 8, size or 64)
@@ -223,26 +239,44 @@ def prepare(src, out, fps=8, size=256, seconds=4.0, workers=None):
     print(f"wrote {sum(done)} clips from {len(videos)} videos to {out} ({done.count(0)} videos gave none)")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="cut raw GreatestHits videos (vis-data-256/*_denoised_thumb.mp4) into clips")
     q.add_argument("--src", required=True, help="folder of raw videos (searched recursively)")
     q.add_argument("--out", required=True, help="folder for the 4 s clips, named <video>-<index:03d>.mp4")
-    q.add_argument("--fps", type=cli.number(float, 0, lo_open=True), default=8, help="8 fps: Sec. 4.1.2")
-    q.add_argument("--size", type=cli.number(int, 16), default=256, help="256x256 centre crop: Sec. 4.1.2")
-    q.add_argument("--workers", type=cli.number(int, 1), default=None, help="parallel ffmpeg jobs (default: CPUs)")
+    q.add_argument("--fps", type=cli.number(float, *FPS), default=8, help="8 fps: Sec. 4.1.2")
+    q.add_argument("--size", type=cli.number(int, *SIZE), default=256, help="256x256 centre crop: Sec. 4.1.2")
+    q.add_argument("--workers", type=cli.number(int, 1, 64), default=None, help="parallel ffmpeg jobs (default: CPUs)")
     q = sub.add_parser("synthetic", help="write synthetic clips (held-out split) as a reference folder")
     q.add_argument("--out", required=True, help="folder for <name>.mp4, <name>.wav and captions.txt")
-    q.add_argument("--num", type=cli.number(int, 1), default=64, help="number of clips (the test split has 64)")
+    q.add_argument("--num-clips", type=cli.number(int, 1, MAX_CLIPS), default=64, help="test split: 64")
     q.add_argument("--split", default="test", choices=["test", "train"])
-    q.add_argument("--fps", type=cli.number(int, 1), default=8, help="8 fps: Sec. 4.1.2")
-    q.add_argument("--size", type=cli.number(int, 16), default=64, help="the tiny demo's 64x64")
-    a = p.parse_args()
+    q.add_argument("--fps", type=cli.number(int, *SYNTHETIC_FPS), default=8, help="8 fps: Sec. 4.1.2")
+    q.add_argument("--size", type=cli.number(int, *SIZE), default=64, help="the tiny demo's 64x64")
+    a = p.parse_args(argv)
+    try:
+        check_settings("synthetic" if a.cmd == "synthetic" else "greatesthits", size=a.size)  # the multiple of 8
+    except ValueError as e:
+        cli.fail(f"--size: {e}")
     if a.cmd == "prepare":
         cli.existing(a.src, "--src", "dir")
         cli.writable_dir(a.out, "--out")
-        prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
+        try:
+            prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
+        except DiskFull as e:
+            cli.fail(str(e))
     else:
         cli.writable_dir(a.out, "--out")
-        write_synthetic(a.out, a.num, a.fps, a.size, a.split)
+        need = a.num_clips * (4 * SR * 4 + 16000 + a.size ** 2)  # a 4-s float32 wav + the mp4 (<= 16 kB + size^2)
+        if need > shutil.disk_usage(a.out).free:
+            cli.fail(f"--num-clips {a.num_clips}: the clips need about {need / 2 ** 30:.1f} GiB, more than {a.out} "
+                     "has free")
+        try:
+            write_synthetic(a.out, a.num_clips, a.fps, a.size, a.split)
+        except DiskFull as e:
+            cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

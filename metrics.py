@@ -5,7 +5,7 @@ are arguments, so tests plug in tiny stand-ins. A clip that does not decode whol
 listed as failed, never scored from what decodes. Leaves out: JPEG frame dumps before FVD, and the official extras
 that the paper does not report (PANNs FD, KL, CLAP, CAVP).
 """
-import functools, json, multiprocessing, os, random, sys, time, warnings  # noqa: E401
+import ctypes, functools, json, multiprocessing, os, random, signal, sys, threading, time, warnings  # noqa: E401
 import concurrent.futures as cf
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from tqdm import tqdm
 from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video  # noqa: F401 (re-exported)
 from data import read_captions
 from support import cli
+from support.media import atomic_write
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's fvd2048_16f detector
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"  # audioldm_eval
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # the official ImageBind script
@@ -29,10 +30,23 @@ def _safe(fn, path):  # a bad file is reported, never fatal
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 
+def _watch(parent):  # a worker whose parent is gone (its pid now another's child, e.g. init's) ends itself
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+def _worker(parent):
+    """A worker's start: one OpenCV thread, and it dies with its parent, so a killed metrics.py leaves no worker
+    behind holding the caller's stdout (Linux: at once, PR_SET_PDEATHSIG; elsewhere within 0.5 s)."""
+    cv2.setNumThreads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    threading.Thread(target=_watch, args=(parent,), daemon=True).start()  # also covers a parent gone before prctl
+
 def map_clips(fn, paths, workers=1, desc=None):
     """fn(path) for each path, a clip per process with one OpenCV thread; returns ({path: value}, {path: error})."""
     ctx = multiprocessing.get_context("spawn")  # a forked child can inherit a lock held by OpenCV's thread pool
-    ex = cf.ProcessPoolExecutor(workers, ctx, initializer=cv2.setNumThreads, initargs=(1,)) if workers > 1 else None
+    ex = cf.ProcessPoolExecutor(workers, ctx, initializer=_worker, initargs=(os.getpid(),)) if workers > 1 else None
     results, ok, bad = (ex.map if ex else map)(_safe, [fn] * len(paths), paths), {}, {}
     for p, (value, err) in tqdm(zip(paths, results), total=len(paths), desc=desc):  # the bar reaches its end
         (bad if err else ok)[str(p)] = err or value
@@ -154,14 +168,32 @@ def imagebind_scores(rows, path=None, device="cpu"):
             scores[key] += [cos(e[a], e[b]).item()] if a in e else []
     return {k: float(np.mean(v)) for k, v in scores.items() if v}
 
+def read_manifest(folder):
+    """{clip stem: caption} from the manifest.jsonl that sample.py writes beside its clips (the reference clip's
+    caption where it sampled from a caption list, else the prompt); {} without one."""
+    path, caps = Path(folder) / "manifest.jsonl", {}
+    if not path.is_file():
+        return caps
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except ValueError:
+            cli.fail(f"{path}:{n}: not a JSON row")
+        if row.get("file") and (row.get("caption") or row.get("prompt")):
+            caps[Path(row["file"]).stem] = row.get("caption") or row.get("prompt")
+    return caps
+
 def main(argv=None):
+    """-> the results; exits 1, after writing what it could, when a requested metric could not be computed."""
     ap = cli.Parser(description="Evaluate generated sounding videos: AV-Align, FVD, FAD, ImageBind.")
     ap.add_argument("--gen", required=True, help="folder of generated <name>.mp4 (+ <name>.wav), as sample.py writes")
     ap.add_argument("--ref", help="folder of reference clips (needed for FVD and FAD)")
-    ap.add_argument("--captions", help="file list `<clip path>,<caption>` for IB-TV and IB-TA")
-    ap.add_argument("--metrics", default="av_align,fvd,fad,imagebind")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: IB
+    ap.add_argument("--captions", help="file list `<clip path>,<caption>` for IB-TV and IB-TA (default: the "
+                    "captions in --gen's manifest.jsonl)")
+    ap.add_argument("--metrics", action=cli.Listing, default=["av_align", "fvd", "fad", "imagebind"],
+                    help="spaces or commas")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: IB
     ap.add_argument("--seconds", type=cli.number(float, 0), default=4.0, help="clips shorter fail (4 s: Sec. 4.1.2)")
-    ap.add_argument("--out", default="results.json")
+    ap.add_argument("--out", default="results.json", help="JSON file")
     ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when missing and online)")
     ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when missing and online)")
     ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when missing and online)")
@@ -169,24 +201,29 @@ def main(argv=None):
     ap.add_argument("--seed", type=cli.number(int, 0), default=0, help="FVD: random 16-frame offsets of the real clips")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    if unknown := set(wanted := args.metrics.split(",")) - {"av_align", "fvd", "fad", "imagebind"}:
+    if unknown := set(wanted := args.metrics) - {"av_align", "fvd", "fad", "imagebind"}:
         cli.fail(f"unknown metric(s) {sorted(unknown)}; choose from av_align,fvd,fad,imagebind")
+    if not args.out.strip():
+        cli.fail("--out: give a file name for the results")
     for d in (args.gen, args.ref):
         if d:
             cli.existing(d, "--gen / --ref", "dir")
     if not (gen := sorted(Path(args.gen).glob("*.mp4"))):
         cli.fail(f"no .mp4 files in {args.gen}")
-    caps = {}
+    caps = read_manifest(args.gen)
     if args.captions:
         try:
-            caps = dict(read_captions(args.captions))
+            listed = read_captions(args.captions)
         except ValueError as e:
             cli.fail(str(e))
+        if not listed:
+            cli.fail(f"--captions {args.captions}: no captions in it")
+        caps.update(listed)
     ref, res, failed, skipped, per_clip = sorted(Path(args.ref).glob("*.mp4")) if args.ref else [], {}, {}, {}, {}
-    def save():  # after each metric, atomically: a crash keeps what is done
-        Path(args.out + ".tmp").write_text(json.dumps(dict(results=res, per_clip=per_clip, failed_files=failed,
-                                                           not_computed=skipped, args=vars(args)), indent=1))
-        os.replace(args.out + ".tmp", args.out)
+    def save():  # after each metric, atomically (a temporary file renamed into place): a crash keeps what is done
+        text = json.dumps(dict(results=res, per_clip=per_clip, failed_files=failed, not_computed=skipped,
+                               args=vars(args)), indent=1)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     try:
         save()  # first: an unwritable --out fails now, not after the work
     except OSError as e:
@@ -201,6 +238,8 @@ def main(argv=None):
             res[f"av_align_sec_per_clip/{name}"] = (time.perf_counter() - t0) / len(clips)
             failed.update(bad)
             save()
+    if "av_align" in wanted and res.get("av_align_iou/gen") is None:
+        skipped["av_align"] = "no generated clip could be scored"
     for name, fn in (("fvd", lambda: fvd(gen, ref, load_i3d(args.i3d, args.device), seed=args.seed)),
                      ("fad", lambda: fad(gen, ref, load_vggish(args.vggish, args.device))),
                      ("imagebind", lambda: (imagebind_scores([(p, caps.get(p.stem)) for p in gen], args.imagebind,
@@ -215,10 +254,15 @@ def main(argv=None):
             except Exception as e:  # one metric failing never stops the others
                 skipped[name] = str(e) if isinstance(e, MetricError) else f"{type(e).__name__}: {e}"
             save()
+    if "imagebind" in wanted and "imagebind" not in skipped and "IB-TV" not in res:
+        skipped["IB-TV, IB-TA"] = "no caption for any clip (no manifest.jsonl in --gen with them; give --captions)"
     for k, v in list(failed.items()) + [(f"{k} not computed", v) for k, v in skipped.items()]:
         print(f"{k}: {v}", file=sys.stderr)
     print(f"{'metric':<36}value\n" + "\n".join(f"{k:<36}{'n/a' if v is None else f'{v:.4f}'}" for k, v in res.items()))
     save()
+    if skipped:
+        print(f"error: not computed: {', '.join(skipped)} (see above); the rest is in {args.out}", file=sys.stderr)
+        raise SystemExit(1)
     return res
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from base_models import load_base_models
-from cmcpe import TIME_ALIGN, CMCPE, Connector, CrossAttentionBlock
+from cmcpe import TIME_ALIGN, CMCPE, Connector, CrossAttentionBlock, pool_sequence, pool_vector
 from support.released import from_official
 
 POINTS = (("down", 2), ("down", 3), ("up", 0), ("up", 1))  # App. A.2: where the 4 blocks per modality sit
 CONDITIONERS = {"cmcpe": CMCPE, "crossattn": CrossAttentionBlock}
+POOLS = {"cmcpe": pool_sequence, "crossattn": pool_vector}  # a sequence over time (Fig. 3b) / one vector (Fig. 3a)
 
 
 def unet_walk(unet, h, emb, text, extra, insert=None, ckpt=False):
@@ -31,9 +32,9 @@ def unet_walk(unet, h, emb, text, extra, insert=None, ckpt=False):
     ckpt: recompute each whole block in backward, motion modules included (diffusers' own flag skips those)."""
     run = (lambda f, **kw: checkpoint(f, use_reentrant=False, **kw)) if ckpt and torch.is_grad_enabled() else (
         lambda f, **kw: f(**kw))
-    # Sizes that are not a multiple of 2**num_upsamplers (audio T = 100 -> 50, 25, 13) make the up blocks
+    # Sizes that are not a multiple of 2**num_upsamplers (audio rows 100 -> 50, 25, 13) make the up blocks
     # interpolate to the skip's size instead of doubling (diffusers' forward_upsample_size).
-    forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in h.shape[-2:])
+    forward_upsample_size = any(d % 2 ** unet.num_upsamplers for d in h.shape[-2:])
     h = unet.conv_in(h)
     res = (h,)
     for i, block in enumerate(unet.down_blocks):
@@ -65,19 +66,20 @@ def time_embedding(unet, t):
 
 def video_forward(unet, x_v, t_v, text_v, insert=None, ckpt=False):
     """AnimateDiff's UNetMotionModel: x_v (B, 4, F, h, w), t_v (B,), text_v (B, 77, D) -> eps_v (B, 4, F, h, w)."""
-    B, C, n, hh, ww = x_v.shape
-    emb = time_embedding(unet, t_v).repeat_interleave(n, 0)  # (B*F, 1280): the 2-D layers see every frame
-    text = text_v.repeat_interleave(n, 0)  # (B*F, 77, D): as AnimateDiffPipeline, b*F + f order
-    h = x_v.transpose(1, 2).reshape(B * n, C, hh, ww)  # (B, C, F, h, w) -> (B*F, C, h, w)
-    eps = unet_walk(unet, h, emb, text, {"num_frames": n}, insert, ckpt)
-    return eps.unflatten(0, (B, n)).transpose(1, 2)  # (B*F, C, h, w) -> (B, C, F, h, w)
+    B, C, num_frames, H, W = x_v.shape
+    emb = time_embedding(unet, t_v).repeat_interleave(num_frames, 0)  # (B*F, 1280): the 2-D layers see every frame
+    text = text_v.repeat_interleave(num_frames, 0)  # (B*F, 77, D): as AnimateDiffPipeline, b*F + f order
+    h = x_v.transpose(1, 2).reshape(B * num_frames, C, H, W)  # (B, C, F, h, w) -> (B*F, C, h, w)
+    eps = unet_walk(unet, h, emb, text, {"num_frames": num_frames}, insert, ckpt)
+    return eps.unflatten(0, (B, num_frames)).transpose(1, 2)  # (B*F, C, h, w) -> (B, C, F, h, w)
 
 
 def audio_forward(unet, x_a, t_a, text_a, insert=None, ckpt=False):
-    """AudioLDM's UNet2DConditionModel: x_a (B, 8, T, 16), t_a (B,), text_a (B, D) CLAP -> eps_a (B, 8, T, 16).
+    """AudioLDM's UNet2DConditionModel: x_a (B, 8, rows, 16), t_a (B,), text_a (B, D) CLAP -> eps_a, same shape.
     Text enters only through the class embedding; its cross-attentions get None and act as self-attentions."""
-    emb, c = time_embedding(unet, t_a), unet.get_class_embed(sample=x_a, class_labels=text_a)  # (B, D_t) each
-    emb = torch.cat([emb, c], -1) if unet.config.class_embeddings_concat else emb + c  # AudioLDM: concat, (B, 2 D_t)
+    emb = time_embedding(unet, t_a)  # (B, D_t)
+    text = unet.get_class_embed(sample=x_a, class_labels=text_a)  # (B, D_t)
+    emb = torch.cat([emb, text], -1) if unet.config.class_embeddings_concat else emb + text  # AudioLDM: concat
     return unet_walk(unet, x_a, emb, None, {}, insert, ckpt)
 
 
@@ -98,7 +100,9 @@ class JointModel(nn.Module):
             raise ValueError(f"conditioner must be one of {sorted(CONDITIONERS)}, not {conditioner!r}")
         if time_align not in TIME_ALIGN:
             raise ValueError(f"time_align must be one of {TIME_ALIGN}, not {time_align!r}")
-        self.video_unet, self.audio_unet, self.gradient_checkpointing = video_unet, audio_unet, False
+        self.video_unet = video_unet
+        self.audio_unet = audio_unet
+        self.gradient_checkpointing = False
         ch_v, ch_a = video_unet.config.block_out_channels, audio_unet.config.block_out_channels
         C = context_channels or ch_v[-1]
         self.config = dict(conditioner=conditioner, fps=fps, sec_per_audio_latent=sec_per_audio_latent,
@@ -109,8 +113,8 @@ class JointModel(nn.Module):
         self.connector_a = Connector(audio_unet.config.in_channels, ch_a[0], C, emb(audio_unet), video=False)
         width = lambda ch, kind, i: ch[i] if kind == "down" else ch[-1 - i]  # up_blocks run over reversed channels
         Block = CONDITIONERS[conditioner]
-        self.blocks_v = nn.ModuleList(Block(width(ch_v, k, i), C, True, head_dim, time_align) for k, i in POINTS)
-        self.blocks_a = nn.ModuleList(Block(width(ch_a, k, i), C, False, head_dim, time_align) for k, i in POINTS)
+        self.blocks_v = nn.ModuleList(Block(width(ch_v, kind, i), C, True, head_dim, time_align) for kind, i in POINTS)
+        self.blocks_a = nn.ModuleList(Block(width(ch_a, kind, i), C, False, head_dim, time_align) for kind, i in POINTS)
 
     @classmethod
     def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
@@ -123,15 +127,15 @@ class JointModel(nn.Module):
     def trainable_parameters(self):
         """App. A.2's trainable set, (name, param): the added modules and AnimateDiff's motion layers. Defined by
         structure, not by the current requires_grad flags (a base-model pre-training stage may have changed them)."""
-        added = {id(p) for m in self.added_modules() for p in m.parameters()}
-        return [(n, p) for n, p in self.named_parameters()
-                if id(p) in added or (n.startswith("video_unet.") and "motion_modules" in n)]
+        added = {id(p) for module in self.added_modules() for p in module.parameters()}
+        return [(name, p) for name, p in self.named_parameters()
+                if id(p) in added or (name.startswith("video_unet.") and "motion_modules" in name)]
 
     def stage_parameters(self, stage):
         """{name: param} a training stage updates: "joint" trainable_parameters(); "base" the two U-Nets (the tiny
         size's first stage, which trains its random base models)."""
         if stage == "base":
-            return {n: p for n, p in self.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
+            return {name: p for name, p in self.named_parameters() if name.startswith(("video_unet.", "audio_unet."))}
         return dict(self.trainable_parameters())
 
     def set_trainable(self):
@@ -152,20 +156,23 @@ class JointModel(nn.Module):
         return module(*args)
 
     def contexts(self, x_v, x_a, t_v, t_a, x0_v=None, x0_a=None):
-        """Both connector sequences from the latents and the self-conditioning estimates (Eq. (6), None = zeros):
-        (ctx_v, ctx_a), (B, C, F) and (B, C, T/2) for CMC-PE, (B, 1, C) each for the cross-attention baseline.
-        They never see text, so one call serves both halves of a classifier-free-guidance batch."""
-        pool = self.blocks_v[0].pool
-        z_v = self._ckpt(self.connector_v, x_v, x0_v, time_embedding(self.video_unet, t_v))
-        z_a = self._ckpt(self.connector_a, x_a, x0_a, time_embedding(self.audio_unet, t_a))
+        """Both connector sequences from the noisy latents and the self-conditioning estimates x0_v, x0_a (x0_hat of
+        Eq. (6) at the previous step; None = zeros): (ctx_v, ctx_a), (B, C, F) and (B, C, rows/2) for CMC-PE, (B, 1, C)
+        each for the cross-attention baseline. They never see text: one call serves both halves of a
+        classifier-free-guidance batch."""
+        pool = POOLS[self.config["conditioner"]]
+        # self-conditioning (Sec. 3.3.2, Chen et al., 2022): each connector reads [x_t ; x0_hat] of its modality
+        z_v = self._ckpt(self.connector_v, x_v, x0_v, time_embedding(self.video_unet, t_v))  # [x_v ; x0_v]
+        z_a = self._ckpt(self.connector_a, x_a, x0_a, time_embedding(self.audio_unet, t_a))  # [x_a ; x0_a]
         return pool(z_v), pool(z_a)
 
     def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None, context=None, joint=True):
-        """x_v (B, 4, F, h, w), x_a (B, 8, T, 16): noisy latents at local timesteps t_v = m(t) - 1, t_a = n(t) - 1
-        (diffusers indices, (B,) or scalar); text_v (B, 77, D) CLIP states; text_a (B, D) normalised CLAP embedding;
-        x0_v, x0_a: self-conditioning estimates (Eq. (6)) or None; context: contexts() output, if already computed;
-        joint=False: the two base models alone. -> (eps_v, eps_a), shaped like x_v, x_a."""
-        B, n, T = x_v.shape[0], x_v.shape[2], x_a.shape[2]
+        """x_v (B, 4, F, h, w), x_a (B, 8, rows, 16): noisy latents at local timesteps t_v = m(t) - 1,
+        t_a = n(t) - 1 (diffusers indices, (B,) or scalar); text_v (B, 77, D) CLIP states; text_a (B, D) normalised
+        CLAP embedding; x0_v, x0_a: the self-conditioning estimates x0_hat (Eq. (6), previous step) or None;
+        context: contexts() output, if already computed; joint=False: the two base models alone.
+        -> (eps_v, eps_a), shaped like x_v, x_a."""
+        B, num_frames, rows = x_v.shape[0], x_v.shape[2], x_a.shape[2]
         t_v = torch.as_tensor(t_v, device=x_v.device).reshape(-1).expand(B)  # (B,)
         t_a = torch.as_tensor(t_a, device=x_a.device).reshape(-1).expand(B)
         if not joint:
@@ -175,11 +182,11 @@ class JointModel(nn.Module):
         sec_v, sec_a = 1 / self.config["fps"], self.config["sec_per_audio_latent"]  # seconds per frame / latent row
 
         def insert_v(k, h):  # video features (B*F, C, h, w) see the audio sequence (steps of 2 latent rows)
-            return self._ckpt(self.blocks_v[k], h, ctx_a, sec_v, 2 * sec_a, n)
+            return self._ckpt(self.blocks_v[k], h, ctx_a, sec_v, 2 * sec_a, num_frames)
 
-        def insert_a(k, h):  # audio features (B, C, T', M') see the video frames
-            s = 2 ** round(math.log2(T / h.shape[2]))  # audio time stride here: 100 -> 13 rows is s = 8
-            return self._ckpt(self.blocks_a[k], h, ctx_v, s * sec_a, sec_v)
+        def insert_a(k, h):  # audio features (B, C, L, M) see the video frames
+            stride = 2 ** round(math.log2(rows / h.shape[2]))  # rows per feature step: 100 -> 13 is 8
+            return self._ckpt(self.blocks_a[k], h, ctx_v, stride * sec_a, sec_v)
 
         eps_v = video_forward(self.video_unet, x_v, t_v, text_v, insert_v, self.gradient_checkpointing)
         eps_a = audio_forward(self.audio_unet, x_a, t_a, text_a, insert_a, self.gradient_checkpointing)
@@ -190,10 +197,12 @@ def cast_frozen(model, bases, dtype=torch.bfloat16):
     """Store every frozen weight (the base U-Nets except the motion modules, VAEs, text encoders, vocoder) in dtype
     and keep the trainable ones in float32: the diffusers examples' convention for --precision bf16 on CUDA (the
     tiny size's fixed codecs and Griffin-Lim hold no weights). -> bytes saved."""
-    keep, saved = {id(p) for _, p in model.trainable_parameters()}, 0
-    for p in {id(p): p for m in (model, bases) for p in m.parameters()}.values():
+    keep = {id(p) for _, p in model.trainable_parameters()}
+    saved = 0
+    for p in {id(p): p for part in (model, bases) for p in part.parameters()}.values():
         if id(p) not in keep and p.dtype == torch.float32:
-            p.data, saved = p.data.to(dtype), saved + p.numel() * (4 - torch.finfo(dtype).bits // 8)
+            p.data = p.data.to(dtype)
+            saved += p.numel() * (4 - torch.finfo(dtype).bits // 8)
     return saved
 
 

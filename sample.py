@@ -4,16 +4,14 @@ One global grid t = T, ..., 1 (T = 25, Sec. 4.1.2) drives both modalities; at ea
 (Eq. 8, knob gamma) set each base model's noise level, the joint model predicts (eps_v, eps_a) with classifier-free
 guidance per modality (7.5 video, 2.5 audio, Sec. 4.1.2), and each latent takes its own deterministic DDIM step
 (Eq. 5) from m(t) to m(t-1) and from n(t) to n(t-1). The connectors see the previous step's x0_hat (self-conditioning).
-The CLI writes <name>.mp4 (H.264 + AAC) + <name>.wav per clip, manifest.jsonl and index.html (a page that plays them).
-Left out: stochastic samplers (eta > 0) and other solvers (the paper: "any sampler" works).
+The CLI writes <name>.mp4 (H.264 + AAC), .wav and .jpg (poster) per clip, manifest.jsonl and index.html.
+Left out: stochastic samplers (eta > 0) and other solvers (the paper: "any sampler" works). --grid official runs the
+released code's sampler instead (support/official_grid.py: its own grid per modality, 50 steps, final alpha_bar < 1).
 """
 import glob
-import html
 import json
 import math
 import os
-import random
-import re
 import time
 
 import numpy as np
@@ -21,135 +19,152 @@ import torch
 from tqdm import tqdm
 
 from data import read_captions
-from support import checkpoint, cli
+from support import checkpoint, cli, official_grid, outputs
 from support.loading import load, read_run_config
 from support.media import save_clips
 from support.released_folder import is_pipe
+from support.seeds import MAX_SEED, clip_seeds
 from timesteps import alpha_bar_table, ddim_step, local_timesteps, to_eps
 
 
 @torch.no_grad()
-def generate(model, bases, prompts, seeds, T=25, gamma=1.5, guidance_v=7.5, guidance_a=2.5, negative="", bar=True,
-             amp=None, seconds=4):
-    """Algorithm 1 for a batch of prompts; sample i starts from noise seeded by seeds[i] (batch-size independent).
-    -> (x_v (B, 4, F, h, w), x_a (B, 8, rows, 16)) clean latents of `seconds` s (rows may include the padding)."""
-    dev, B, P = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type
-    text_v, text_a = bases.encode_text(list(prompts))
-    null_v, null_a = bases.encode_text([negative] * B)
-    F_, h = round(seconds * bases.fps), bases.latent_size  # 4-s clips (Sec. 4.1.2); latent H = W
-    k = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training, noise in it
-    rows = math.ceil(bases.audio_rows(seconds) / k) * k  # 100 latent rows (4 mel frames of 10 ms each) for 4 s
-    noise = [torch.Generator().manual_seed(s) for s in seeds]
-    x_v = torch.stack([torch.randn(4, F_, h, h, generator=g) for g in noise]).to(dev)  # x_{m(T)}, (B, 4, F, h, w)
-    x_a = torch.stack([torch.randn(8, rows, 16, generator=g) for g in noise]).to(dev)  # x_{n(T)}, (B, 8, rows, 16)
-    ab_v, ab_a = alpha_bar_table(bases.alphas_cumprod_v), alpha_bar_table(bases.alphas_cumprod_a)
-    T_v, T_a = len(ab_v) - 1, len(ab_a) - 1  # the base models' maximum timestep (1000)
-    x0_v = x0_a = None  # self-conditioning input: zeros at the first step
+def generate(model, bases, prompts, seeds, T=None, gamma=1.5, guidance_v=7.5, guidance_a=2.5, negative="", bar=True,
+             amp=None, seconds=4, grid="paper", latents=None, trace=None):
+    """Algorithm 1 from noise seeded by seeds[i] (batch-size independent) or latents=(x_v, x_a) as given. grid "paper":
+    as printed (T = 25, Eq. 8, last step to alpha_bar = 1); "official": the released sampler (support/official_grid.py,
+    T = 50). trace(i, tensors): after each step. -> final (x_v (B, 4, F, h, w), x_a (B, 8, rows, 16)) (rows: padded)"""
+    dev, B, P, official = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type, grid == "official"
+    if official:
+        text_v, text_a, null_v, null_a = official_grid.encode_prompts(bases, prompts, negative)
+        steps = official_grid.schedule(bases, T or 50, gamma)  # the official scripts' 50 steps
+    else:
+        (text_v, text_a), (null_v, null_a) = bases.encode_text(list(prompts)), bases.encode_text([negative] * B)
+        ab_v, ab_a = alpha_bar_table(bases.alphas_cumprod_v), alpha_bar_table(bases.alphas_cumprod_a)
+        T, T_v, T_a = T or 25, len(ab_v) - 1, len(ab_a) - 1  # T = 25 (Sec. 4.1.2); the base models' 1000 steps
+        mn = [local_timesteps(t, T, T_v, T_a, gamma) for t in range(T, -1, -1)]  # Eq. (8): (m(t), n(t)), t = T..0
+        steps = [(m - 1, n - 1, ab_v[m], ab_v[m_], ab_a[n], ab_a[n_]) for (m, n), (m_, n_) in zip(mn, mn[1:])]
+    if latents is None:
+        F_, h = round(seconds * bases.fps), bases.latent_size  # 4-s clips (Sec. 4.1.2); latent H = W
+        k = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training, noise in it
+        rows = math.ceil(bases.audio_rows(seconds) / k) * k  # 100 latent rows (4 mel frames of 10 ms each) for 4 s
+        noise = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = (torch.stack([torch.randn(4, F_, h, h, generator=g) for g in noise]).to(dev),  # (B, 4, F, h, w)
+                   torch.stack([torch.randn(8, rows, 16, generator=g) for g in noise]).to(dev))  # (B, 8, rows, 16)
+    (x_v, x_a), x0_v, x0_a = latents, None, None  # x_{m(T)}, x_{n(T)}; self-conditioning input: zeros at first
+    guidance_v, guidance_a = official_grid.guidance(guidance_v, guidance_a) if official else (guidance_v, guidance_a)
     two = lambda x: torch.cat([x, x])  # [uncond; cond] in one batch
-    for t in tqdm(range(T, 0, -1), desc="Alg. 1", disable=not bar):  # Alg. 1
-        m, n = local_timesteps(t, T, T_v, T_a, gamma)  # Eq. (8)
-        m_prev, n_prev = local_timesteps(t - 1, T, T_v, T_a, gamma)  # Eq. (8)
-        tv, ta = torch.full((B,), m - 1, device=dev), torch.full((B,), n - 1, device=dev)  # diffusers indices
+    text_v, text_a = torch.cat([null_v, text_v]), torch.cat([null_a, text_a])
+    for i, (tv, ta, a_v, a_v_prev, a_a, a_a_prev) in enumerate(
+            tqdm(steps, desc="Alg. 1", disable=not bar) if isinstance(bar, bool) else steps):  # Alg. 1
+        tv, ta = torch.full((B,), tv, device=dev), torch.full((B,), ta, device=dev)  # diffusers indices
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             ctx = model.contexts(x_v, x_a, tv, ta, x0_v, x0_a)  # no text in the connectors: once for both halves
-            e_v, e_a = model(two(x_v), two(x_a), two(tv), two(ta), torch.cat([null_v, text_v]),
-                             torch.cat([null_a, text_a]), context=tuple(map(two, ctx)))
-        (u_v, c_v), (u_a, c_a) = e_v.float().chunk(2), e_a.float().chunk(2)
-        eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, ab_v[m], P["v"])  # classifier-free guidance
-        eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, ab_a[n], P["a"])  # (on v for the tiny U-Nets: linear)
-        x_v, x0_v = ddim_step(x_v, eps_v, ab_v[m], ab_v[m_prev])  # Eq. (5): x_{m(t-1)}
-        x_a, x0_a = ddim_step(x_a, eps_a, ab_a[n], ab_a[n_prev])  # Eq. (5): x_{n(t-1)}
-    return x_v, x_a  # x_0^(v), x_0^(a)
+            e_v, e_a = model(two(x_v), two(x_a), two(tv), two(ta), text_v, text_a, context=tuple(map(two, ctx)))
+        (u_v, c_v), (u_a, c_a) = e_v.to(x_v.dtype).chunk(2), e_a.to(x_a.dtype).chunk(2)  # fp32 under autocast
+        eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, a_v, P["v"])  # classifier-free guidance
+        eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, a_a, P["a"])  # (on v for the tiny U-Nets: linear)
+        x_v, x0_v = ddim_step(x_v, eps_v, a_v, a_v_prev)  # Eq. (5): x_{m(t-1)}
+        x_a, x0_a = ddim_step(x_a, eps_a, a_a, a_a_prev)  # Eq. (5): x_{n(t-1)}
+        if trace:
+            trace(i, dict(t_v=tv, t_a=ta, out_v=e_v, out_a=e_a, eps_v=eps_v, eps_a=eps_a, x0_v=x0_v, x0_a=x0_a,
+                          x_v=x_v, x_a=x_a))
+        if not isinstance(bar, bool):
+            bar.update(B)
+    return x_v, x_a  # x_0^(v), x_0^(a) (official: at alphas_cumprod[0])
 
 
-def generate_clips(model, bases, prompt, negative="", T=25, gamma=1.5, guidance_v=7.5, guidance_a=2.5, generator=None,
-                   num_samples=1, seconds=4, batch_size=4, amp=None, progress=True):
-    """Algorithm 1 over many prompts in batches, decoded. prompt: a string or a list. generator: an int seed, a
-    torch.Generator (its initial seed) or None (a fresh one). -> dict(frames uint8 (B, F, H, W, 3), waveforms
-    float32 (B, N), fps, sample_rate, prompts, seeds): num_samples per prompt, each from its own seed."""
+def generate_clips(model, bases, prompt, negative="", T=None, gamma=1.5, guidance_v=7.5, guidance_a=2.5,
+                   generator=None, num_per_prompt=1, seconds=4, batch_size=4, amp=None, progress=True, grid="paper",
+                   latents=None, decode=True):
+    """Algorithm 1 over many prompts in batches. prompt, negative: a string or a list (one per prompt). generator:
+    support/seeds.clip_seeds (clip k's noise from seeds[k] alone), or latents=(x_v, x_a) for all clips. progress: a
+    bar over all clips x steps, or a tqdm to advance. -> dict(frames uint8 (B, F, H, W, 3), audios float32 (B, N)
+    (decode=False: the latents x_v, x_a), fps, sample_rate, prompts, seeds), num_per_prompt clips per prompt."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    seed = generator.initial_seed() if isinstance(generator, torch.Generator) else (
-        random.randrange(2 ** 31) if generator is None else int(generator))
-    jobs = [p for p in prompts for _ in range(num_samples)]
-    seeds = [seed * 1000003 + k for k in range(len(jobs))]  # one seed per clip (Alg. 1's initial noise)
-    frames, waves = [], []
-    for b in range(0, len(jobs), batch_size):
-        x_v, x_a = generate(model, bases, jobs[b: b + batch_size], seeds[b: b + batch_size], T, gamma, guidance_v,
-                            guidance_a, negative, bar=progress and len(jobs) == 1, amp=amp, seconds=seconds)
-        frames.append(bases.decode_video(x_v).cpu().numpy())
-        waves.append(bases.decode_audio(x_a, seconds).float().cpu().numpy())
-    return dict(frames=np.concatenate(frames), waveforms=np.concatenate(waves), fps=bases.fps, sample_rate=bases.sr,
-                prompts=jobs, seeds=seeds)
+    negatives = [negative or ""] * len(prompts) if negative is None or isinstance(negative, str) else list(negative)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+    jobs = [(p, q) for p, q in zip(prompts, negatives) for _ in range(num_per_prompt)]
+    seeds = clip_seeds(generator, len(jobs))  # one seed per clip (Alg. 1's initial noise)
+    bar = progress if isinstance(progress, tqdm) else tqdm(
+        total=len(jobs) * (T or (50 if grid == "official" else 25)), desc=f"{len(jobs)} clips x steps", unit="step",
+        disable=not progress)
+    start, frames, audios = time.time(), [], []
+    cuts = [k for k in range(len(jobs)) if k % batch_size == 0 or jobs[k][1] != jobs[k - 1][1]] + [len(jobs)]
+    for a, b in zip(cuts, cuts[1:]):  # batches of one negative prompt
+        noise = None if latents is None else (latents[0][a:b], latents[1][a:b])
+        x_v, x_a = generate(model, bases, [p for p, _ in jobs[a:b]], seeds[a:b], T, gamma, guidance_v, guidance_a,
+                            jobs[a][1], bar, amp, seconds, grid, noise)
+        frames.append(bases.decode_video(x_v).cpu().numpy() if decode else x_v)
+        audios.append(bases.decode_audio(x_a, seconds).float().cpu().numpy() if decode else x_a)
+    if bar is not progress:
+        bar.set_postfix_str(f"{(time.time() - start) / max(len(jobs), 1):.2f} s/clip")
+        bar.close()
+    join = np.concatenate if decode else torch.cat
+    return dict(frames=join(frames), audios=join(audios), fps=bases.fps, sample_rate=bases.sr,
+                prompts=[p for p, _ in jobs], seeds=seeds)
 
 
 def parse_args(argv=None):
     p, pos = cli.Parser(description=__doc__.split("\n")[0]), cli.number(int, 1)
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--captions", default=None, help="<clip>,\"<caption>\" lines (the official lists) or one per line")
-    p.add_argument("--num-samples", type=pos, default=1, help="samples per prompt")
+    p.add_argument("--captions", default=None, help="<clip>,\"<caption>\" lines (the official lists; clips are then "
+                   "named by the reference clip's stem) or one caption per line")
+    p.add_argument("--num-per-prompt", type=pos, default=1, help="clips per prompt, each from its own seed")
     p.add_argument("--batch-size", type=pos, default=4)
-    p.add_argument("--seed", type=cli.number(int, 0), default=0)
-    p.add_argument("--steps", type=pos, default=25)  # T = 25 (Sec. 4.1.2); the official scripts use 50
-    p.add_argument("--gamma", type=cli.number(float, 0, 100, lo_open=True), nargs="+", default=[1.5],
-                   help="Sec. 3.2.2: 1.5; several values generate the same seeds at each")
+    p.add_argument("--seed", type=cli.number(int, 0, MAX_SEED), default=0, help="clip k of a run uses seed + k")
+    p.add_argument("--steps", type=pos, default=None, help="sampling steps T; default 25 (Sec. 4.1.2), official 50")
+    p.add_argument("--grid", default="paper", choices=["paper", "official"],  # official: the released sampler
+                   help="paper: Alg. 1 as printed; official: the released pipeline's (gamma 1: its grids unadjusted)")
+    p.add_argument("--gamma", action=cli.Listing, item=cli.number(float, 0, 100, lo_open=True), default=[1.5],
+                   help="Sec. 3.2.2; several (spaces or commas: 1,1.5 2) sample the same seeds at each")
     p.add_argument("--guidance-video", type=cli.number(float, 0, 100), default=7.5)  # Sec. 4.1.2, AnimateDiff's
     p.add_argument("--guidance-audio", type=cli.number(float, 0, 100), default=2.5)  # Sec. 4.1.2, AudioLDM's
-    p.add_argument("--negative-prompt", default="")  # paper: none; official: "bad quality, worse quality"
+    p.add_argument("--negative-prompt", default=None, help="default: none (paper); --grid official: the official's")
     p.add_argument("--seconds", type=cli.number(float, 0, 4, lo_open=True), default=4.0)  # 4-s clips (Sec. 4.1.2)
     p.add_argument("--ckpt", default=None, help="run folder written by train.py, or a released pipe/ folder")
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of the EMA")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"], help="without --ckpt")
     p.add_argument("--video-size", type=cli.number(int, 8), default=256, help="released pipe/: 256 (Sec. 4.1.2)")
-    p.add_argument("--out", default="out")
+    p.add_argument("--out", default="out", help="folder for the clips, manifest.jsonl and index.html")
     p.add_argument("--overwrite", action="store_true", help="replace the clips of an earlier run in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    if args.captions:
-        try:
-            args.prompt += [c for _, c in read_captions(args.captions, clips=False)]
-        except ValueError as e:
-            cli.fail(str(e))
+    args.gamma, args.stems = list(dict.fromkeys(args.gamma)), [None] * len(args.prompt)  # a gamma twice: once
+    args.steps, args.negative_prompt = official_grid.defaults(args.grid, args.steps, args.negative_prompt)
+    try:
+        captions = read_captions(args.captions, clips=False) if args.captions else []
+    except ValueError as e:
+        cli.fail(str(e))
+    args.prompt, args.stems = args.prompt + [c for _, c in captions], args.stems + [s for s, _ in captions]
     if not args.prompt:
         cli.fail("give --prompt TEXT (repeatable) or --captions FILE")
+    if dup := next((s for s in args.stems if s is not None and args.stems.count(s) > 1), None):
+        cli.fail(f"--captions lists the clip {dup} twice; the clips are named by it: list each clip once")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         cli.fail(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.ckpt:
-        cli.existing(args.ckpt, "--ckpt", "dir")
+        cli.run_folder(args.ckpt, "--ckpt")
         try:
             args.trained = {} if is_pipe(args.ckpt) else read_run_config(args.ckpt)
         except checkpoint.CheckpointError as e:
             cli.fail(str(e))
+    if args.seconds * (fps := args.trained.get("fps", 8) if args.ckpt else 8) < 1:  # one frame; 8 fps: Sec. 4.1.2
+        cli.fail(f"--seconds {args.seconds} is shorter than one video frame; give at least {1 / fps:g} s ({fps} fps)")
     bases = args.trained if args.ckpt else dict(cli.BASES, size=args.size)
     runs = sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob("runs/*/joint/COMPLETE"))
     args.hint = f"; a trained run is at {runs[0]}: --ckpt {runs[0]}" if runs and not args.ckpt else ""
     if bases and bases["size"] == "pretrained":
         cli.check_weights(bases["video_base"], bases["motion_adapter"], bases["audio_base"], args.hint)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    cli.writable_dir(args.out, "--out")
-    old = os.path.join(args.out, "manifest.jsonl")
-    if (os.path.exists(old) or glob.glob(os.path.join(args.out, "*.mp4"))) and not args.overwrite:
-        cli.fail(f"{args.out} already holds clips of an earlier run; choose another --out or pass --overwrite")
+    args.lock, args.stale = outputs.claim(args.out, args.overwrite)  # the lock is held until the process ends
     return args
-
-
-def write_index(out, rows):
-    """index.html: one row per clip, its video playing with its sound, then prompt, seed, gamma and checkpoint."""
-    cells = "".join(f'<tr><td><video controls preload="auto" src="{html.escape(r["file"])}"></video></td>'
-                    f'<td>{html.escape(r["prompt"])}</td><td>{r["seed"]}</td><td>{r["gamma"]}</td>'
-                    f'<td>{html.escape(str(r["checkpoint"]))} {html.escape(json.dumps(r["trained_steps"]))}</td></tr>\n'
-                    for r in rows)
-    page = ('<!doctype html><meta charset="utf-8"><title>sounding videos</title><style>td{padding:4px 8px}'
-            'video{width:256px}</style><table><tr><th>clip</th><th>prompt</th><th>seed</th><th>gamma</th>'
-            f'<th>checkpoint (steps)</th></tr>\n{cells}</table>\n')
-    with open(os.path.join(out, ".index.tmp"), "w") as f:
-        f.write(page)
-    os.replace(os.path.join(out, ".index.tmp"), os.path.join(out, "index.html"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(json.dumps({k: v for k, v in vars(args).items() if k not in ("trained", "hint")}, indent=1))
+    print(json.dumps({k: v for k, v in vars(args).items() if k not in ("trained", "hint", "lock", "stale")}, indent=1))
     if not args.ckpt:
         print("note: no --ckpt: the added modules are untrained, i.e. an exact identity, so video and audio come from "
               "the two base models independently" + args.hint)
@@ -159,31 +174,26 @@ def main(argv=None):
                                     video_size=args.video_size)
     except (RuntimeError, ValueError) as e:  # weights offline, a damaged or foreign checkpoint: one line
         cli.fail(str(e) + args.hint)
-    manifest = os.path.join(args.out, "manifest.jsonl")
-    if os.path.exists(manifest):  # --overwrite: the earlier run's clips go, so the folder holds one run only
-        for row in map(json.loads, open(manifest)):
-            for f in (row.get("file"), row.get("wav")):
-                if f and os.path.lexists(os.path.join(args.out, os.path.basename(f))):
-                    os.remove(os.path.join(args.out, os.path.basename(f)))
+    for f in args.stale:  # --overwrite: the earlier run's files go, so that the folder holds one run only
+        os.remove(f)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    rows = []
-    for gamma in tqdm(args.gamma, desc="gamma", disable=len(args.gamma) == 1):
+    stems = [s for s in args.stems for _ in range(args.num_per_prompt)]
+    n, rows, start = len(args.gamma) * len(stems), [], time.time()
+    bar = tqdm(total=n * args.steps, desc=f"{n} clips x steps", unit="step")  # one bar over all clips x steps
+    for gamma, tag in zip(args.gamma, outputs.gamma_tags(args.gamma)):
         res = generate_clips(model, bases, args.prompt, args.negative_prompt, args.steps, gamma, args.guidance_video,
-                             args.guidance_audio, args.seed, args.num_samples, args.seconds, args.batch_size, amp)
-        names = [f"{k:04d}_{re.sub(r'[^A-Za-z0-9]+', '-', p)[:60].strip('-')}_g{gamma:g}"
-                 for k, p in enumerate(res["prompts"])]
+                             args.guidance_audio, args.seed, args.num_per_prompt, args.seconds, args.batch_size, amp,
+                             bar, args.grid)
+        names = outputs.clip_names(res["prompts"], stems, res["seeds"], tag, len(args.gamma) > 1,
+                                   args.num_per_prompt > 1)
         save_clips(args.out, res, names)
-        rows += [dict(file=n + ".mp4", wav=n + ".wav", prompt=p, seed=s, gamma=gamma, steps=args.steps,
-                      guidance_video=args.guidance_video, guidance_audio=args.guidance_audio,
-                      negative_prompt=args.negative_prompt, seconds=args.seconds, checkpoint=source["checkpoint"],
-                      kind=source["kind"], trained_steps=source.get("steps"), ema=not args.no_ema,
-                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                 for n, p, s in zip(names, res["prompts"], res["seeds"])]
-        with open(manifest + ".tmp", "w") as f:  # after every gamma: what is on disk is always listed
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(manifest + ".tmp", manifest)
-        write_index(args.out, rows)
-    print(f"wrote {len(rows)} clips (.mp4 with sound + .wav), manifest.jsonl and index.html to {args.out}/")
+        outputs.write_posters(args.out, names, res["frames"])
+        rows += outputs.rows(names, res, stems, gamma, args, source)
+        outputs.write_manifest(args.out, rows)  # after every gamma: what is on disk is always listed
+        outputs.write_index(args.out, rows)
+    bar.set_postfix_str(f"{(time.time() - start) / n:.2f} s/clip")
+    bar.close()
+    print(f"wrote {len(rows)} clips (.mp4 with sound, .wav, .jpg), manifest.jsonl and index.html to {args.out}/")
 
 
 if __name__ == "__main__":

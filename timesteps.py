@@ -2,7 +2,7 @@
 
 Conventions (the paper's, mapped onto diffusers):
 - A local timestep m (video) or n (audio) lives in {0, 1, ..., T_v} with T_v = T_a = 1000, the base models'
-  num_train_timesteps. m = 0 is clean data (alpha_bar = 1); m >= 1 has alpha_bar_m = prod_{s=1..m} (1 - beta_s),
+  num_train_timesteps. m = 0 is clean data (alpha_bar = 1); m >= 1 has alpha_bar_m = prod_{i=1..m} (1 - beta_i),
   which diffusers stores as alphas_cumprod[m - 1]. So a U-Net is called with the diffusers index m - 1 (0..999).
 - Algorithm 1 walks ONE global grid t = T, T-1, ..., 1 (T = 25 steps) shared by both modalities and steps video from
   m(t) to m(t-1) and audio from n(t) to n(t-1). The last step reaches m(0) = n(0) = 0 and so returns x0_hat itself,
@@ -22,20 +22,21 @@ def local_timesteps(t, T, T_v, T_a, gamma):
     """Global timestep t in {0..T} -> local timesteps (m, n); ints in, ints out; tensors in, long tensors out."""
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    s = math.sqrt(gamma)
+    root = math.sqrt(gamma)
     if isinstance(t, torch.Tensor):
         u = t.double() / T
-        m = torch.round(T_v * u ** s).long()  # Eq. (8)
-        n = torch.round(T_a * u ** (1 / s)).long()  # Eq. (8)
+        m = torch.round(T_v * u ** root).long()  # Eq. (8)
+        n = torch.round(T_a * u ** (1 / root)).long()  # Eq. (8)
         # a real denoising step for t >= 1 even for extreme gamma (m would round to 0 and call the U-Net at -1)
         return torch.where(t > 0, m.clamp(min=1), m), torch.where(t > 0, n.clamp(min=1), n)
-    m = round(T_v * (t / T) ** s)  # Eq. (8)
-    n = round(T_a * (t / T) ** (1 / s))  # Eq. (8)
+    m = round(T_v * (t / T) ** root)  # Eq. (8)
+    n = round(T_a * (t / T) ** (1 / root))  # Eq. (8)
     return (max(m, 1), max(n, 1)) if t > 0 else (m, n)
 
 
 def alpha_bar_table(alphas_cumprod):
-    """(T,) diffusers alphas_cumprod -> (T+1,) table indexed by the paper's timestep: [1, alpha_bar_1, ...]."""
+    """(T_v,) diffusers alphas_cumprod (or T_a) -> (T_v + 1,) table indexed by the paper's timestep m (or n):
+    [1, alpha_bar_1, ...]."""
     return torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod.detach().double().cpu()])
 
 

@@ -1,4 +1,4 @@
-"""Benchmark (issue 6): speed, memory and FLOPs of sampling (Alg. 1) and training (Eq. 9), tiny or full size.
+"""Benchmark: speed, memory and FLOPs of sampling (Alg. 1) and training (Eq. 9), tiny or full size.
 
 Prints measurements as a Markdown table and writes them as JSON; never asserts a time. Each section is skipped once
 --budget-s would be exceeded, and the JSON is rewritten after every section, so a run cut short keeps what it measured.
@@ -21,7 +21,6 @@ Prints measurements as a Markdown table and writes them as JSON; never asserts a
 Weights are random (configs/*.json for "full"): speed does not depend on them. Timings are medians of --reps runs after
 a warm-up; CUDA timings synchronise the device.
 """
-import argparse
 import gc
 import json
 import os
@@ -35,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from support import cli  # noqa: E402
 from support import cache  # noqa: E402  (the repository's top-level modules)
 import train  # noqa: E402
 from data import build_dataset  # noqa: E402
@@ -159,7 +159,8 @@ def section_flops(b, model, bases, frames):
     model.train()
     for sc in (0.0, 1.0):  # one clip: FLOPs are linear in the batch
         targs.p_self_cond = sc
-        flops = count(lambda: train.joint_loss(model, bases, cached, targs, 0)[0].backward())
+        settings = train.loss_settings(targs)
+        flops = count(lambda: train.joint_loss(model, bases, cached, step=0, **settings)[0].backward())
         model.zero_grad(set_to_none=True)
         b.record("flops", f"train step per clip, self-cond {'on' if sc else 'off'}", flops / 1e12, "TFLOP", "no recompute")
     with torch.no_grad():
@@ -262,7 +263,8 @@ def section_train(b, model, bases, frames):
 
     def one(batch, n, sc):
         targs.p_self_cond = sc
-        loss, _ = train.joint_loss(model, bases, {k: v[:n] for k, v in batch.items()}, targs, step[0])
+        loss, _ = train.joint_loss(model, bases, {k: v[:n] for k, v in batch.items()}, step=step[0],
+                                   **train.loss_settings(targs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -355,12 +357,13 @@ def section_compile(b, model, bases, frames):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="tiny", choices=["tiny", "full"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--budget-s", type=float, default=600, help="stop starting new measurements after this")
-    p.add_argument("--sections", default="flops,memory,sampling,train,cache", help="comma list; 'compile' is opt-in")
+    p.add_argument("--sections", action=cli.Listing, default=["flops", "memory", "sampling", "train", "cache"],
+                   help="spaces or commas; 'compile' is opt-in")
     p.add_argument("--compile", action="store_true", help="add the torch.compile section (last)")
     p.add_argument("--seconds", type=int, default=4)  # 4-s clips (Sec. 4.1.2)
     p.add_argument("--fps", type=int, default=8)  # GreatestHits (Sec. 4.1.2)
@@ -395,7 +398,7 @@ def main(argv=None):
                     sampling=lambda: section_sampling(b, model, bases, frames),
                     train=lambda: section_train(b, model, bases, frames), cache=lambda: section_cache_files(b, bases),
                     compile=lambda: section_compile(b, model, bases, frames))
-    todo = args.sections.split(",") + (["compile"] if args.compile else [])
+    todo = args.sections + (["compile"] if args.compile else [])
     for name in todo:
         if b.left() <= 0:
             b.out["skipped"].append(name); continue

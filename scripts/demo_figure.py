@@ -5,7 +5,6 @@ flow peaks (the two event lists AV-Align matches, App. A.4), titled with the cap
 
 --real K appends K held-out synthetic test clips (never trained on) as the reference. Needs matplotlib.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
+from support import cli  # noqa: E402
 import av_align  # noqa: E402
 from support.synthetic import synthetic_clip  # noqa: E402
 
@@ -26,11 +26,12 @@ def panel(frames, audio, fps, sr, every=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("mp4", nargs="*")
     p.add_argument("--real", type=int, default=0, help="append this many held-out synthetic test clips")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--out", default="out/demo_samples.png")  # docs/demo_samples.png is a copy of it (docs/results.md)
+    # docs/demo_samples.png is a copy of it (docs/results.md)
+    p.add_argument("--out", default="out/demo_samples.png", help="image file")
     a = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")  # files only, no display

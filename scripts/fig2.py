@@ -17,7 +17,6 @@ them over every t = 1..1000.
 Left out: the paper measured the loss "in the experiment" (its training); the per-sample training log
 (log_joint.jsonl: t_v, t_a, loss_v, loss_a) holds the same kind of data for the joint model.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -114,7 +113,7 @@ def plot(c, gamma, path, title, logx=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="tiny", choices=["tiny", "full", "pretrained"])
     p.add_argument("--ckpt", default=None, help="tiny/full: a run folder whose base/ checkpoint holds trained base "
                                                 "U-Nets (train.py stage 'base')")
@@ -132,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--logx", action="store_true", help="log-scaled timestep axes (the paper's are linear)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fig2.png")
+    p.add_argument("--out", default="fig2.png", help="image file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.gamma <= 0 or a.points < 2 or a.num_clips < 1:

@@ -1,4 +1,4 @@
-"""Why do the tiny video models flicker, and how much flicker can AV-Align's flow peaks take? (issue 13 probes)
+"""Why do the tiny video models flicker, and how much flicker can AV-Align's flow peaks take?
 
   python scripts/flicker_probe.py train --tag base                        # tiny video U-Net alone, 600 steps, ~16 min
   python scripts/flicker_probe.py train --tag x0 --pred sample --std 0    # a variant (options below)
@@ -16,7 +16,6 @@ x0 estimate in one call: how much per-frame noise it leaves in cells that are st
 real test latents plus k x the temporal deviations of generated latents (from their per-cell median over frames):
 flow peaks as the jitter shrinks. score: the train probe's numbers for its saved latents. Not in the paper; one thread per run, so two probes can share the 2 cores.
 """
-import argparse
 import json
 import math
 import os
@@ -92,14 +91,14 @@ def train(a, bases, test):
     ab, params = alpha_bar_table(bases.alphas_cumprod_v), list(unet.parameters())
     opt, ema, g = torch.optim.Adam(params, lr=a.lr), [p.detach().clone() for p in params], torch.Generator().manual_seed(1)
     t0, losses = time.time(), []
-    for step in range(a.steps):
+    for step in range(a.train_steps):
         i = torch.randint(0, a.num_clips, (8,), generator=g)
         x0 = z[i] + a.std * torch.randn(z[i].shape, generator=g)  # sample the codec's latent distribution
         t = torch.randint(1, 1001, (8,), generator=g)  # Eq. (7): t ~ U(1, T)
         eps = torch.randn(x0.shape, generator=g)
         tx = torch.where((torch.rand(8, generator=g) < 0.1)[:, None, None], null, text[i])  # caption dropout
         for group in opt.param_groups:
-            group["lr"] = a.lr * (0.5 + 0.5 * math.cos(math.pi * step / a.steps))
+            group["lr"] = a.lr * (0.5 + 0.5 * math.cos(math.pi * step / a.train_steps))
         out = video_forward(unet, add_noise(x0, eps, ab[t]), t - 1, tx)  # Eq. (2), then the U-Net
         loss = F.mse_loss(out, x0 if a.pred == "sample" else target(x0, eps, ab[t], a.pred))  # Eq. (7)
         opt.zero_grad()
@@ -129,7 +128,7 @@ def train(a, bases, test):
     x_v = torch.cat(x_v)
     os.makedirs(a.out, exist_ok=True)
     torch.save(x_v, os.path.join(a.out, f"{a.tag}_x_v.pt"))
-    return dict(flicker(x_v, test), loss_last100=float(np.mean(losses[-100:])), s_per_step=seconds / a.steps)
+    return dict(flicker(x_v, test), loss_last100=float(np.mean(losses[-100:])), s_per_step=seconds / a.train_steps)
 
 
 def denoise(a, test):
@@ -157,10 +156,11 @@ def tolerance(a, test):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("probe", choices=["train", "denoise", "tolerance", "score"])
     p.add_argument("--tag", default="probe")
-    p.add_argument("--steps", type=int, default=600)  # the flicker had settled by 700 steps (docs/results.md sec. 2)
+    # the flicker had settled by 700 steps (docs/results.md sec. 2)
+    p.add_argument("--train-steps", type=int, default=600, help="training steps of the probe")
     p.add_argument("--num-clips", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)  # train.py's tiny default
     p.add_argument("--std", type=float, default=0.01)  # PoolVideoAE.std
@@ -170,8 +170,8 @@ def main(argv=None):
     p.add_argument("--num-test", type=int, default=16)
     p.add_argument("--bases", default=cli.TINY_BASES, help="denoise: tiny base models (default: the shipped ones)")
     p.add_argument("--gen", help="tolerance, score: generated latents (B, 4, F, 8, 8) saved by `train`")
-    p.add_argument("--scales", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.5, 1.0])
-    p.add_argument("--out", default="runs/flicker")
+    p.add_argument("--scales", action=cli.Listing, item=float, default=[0, 0.05, 0.1, 0.2, 0.5, 1.0])
+    p.add_argument("--out", default="runs/flicker", help="folder for the probes' results")
     a = p.parse_args(argv)
     if a.probe in ("tolerance", "score") and not (a.gen and os.path.isfile(a.gen)):
         cli.fail(f"{a.probe} needs --gen, latents saved by `train` (got {a.gen})")  # one line, exit code 2

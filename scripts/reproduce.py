@@ -17,7 +17,6 @@ audio shuffled across test clips (lower), the untrained joint model (= the two b
 Every stage is skipped when its output exists, so an interrupted run continues where it stopped.
 Tuning (budgets, lr) uses `--split val` (clips that are neither train nor test), never the test split.
 """
-import argparse
 import json
 import os
 import sys
@@ -49,25 +48,27 @@ PAPER = {("crossattn", 1.0): (379, 2.35, 0.250), ("crossattn", 1.5): (393, 1.29,
 NAMES = {"crossattn": "Cross-attention (CoDi)", "cmcpe": "CMC-PE"}
 SEEDS = {"val": 5 * 10 ** 5, "floor": 7 * 10 ** 5}  # synthetic seeds: train 0.., test 10**6.. (data.py), these apart
 # The full budget: train.py's tiny defaults (the demo's 200 joint steps on the shipped base models; docs/results.md)
-FULL = dict(base_steps=0, joint_steps=200, batch_size=8, train_clips=2048, seeds=[0, 1, 2], num_test=32, steps=25)
-QUICK = dict(base_steps=2, joint_steps=2, batch_size=2, train_clips=4, seeds=[0, 1], num_test=3, steps=2)
+FULL = dict(base_steps=0, joint_steps=200, batch_size=8, num_clips=2048, seeds=[0, 1, 2], num_test=32, steps=25)
+QUICK = dict(base_steps=2, joint_steps=2, batch_size=2, num_clips=4, seeds=[0, 1], num_test=3, steps=2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/repro")
+    p = cli.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/repro", help="folder for runs, samples and the report")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, few clips (what CI runs)")
     p.add_argument("--base-steps", type=int, help="stage 'base' steps from random base models (full: 0, the shipped)")
     p.add_argument("--joint-steps", type=int, help=f"stage 'joint' steps per run (full: {FULL['joint_steps']})")
     p.add_argument("--batch-size", type=int, help=f"training batch (full: {FULL['batch_size']})")
     p.add_argument("--lr", type=float, default=None, help="default: train.py's tiny default")
-    p.add_argument("--train-clips", type=int, help="synthetic training clips")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds, >= 3 for a spread (full: 0 1 2)")
+    p.add_argument("--num-clips", type=int, help="synthetic training clips")
+    p.add_argument("--seeds", action=cli.Listing, item=int, help="training seeds, >= 3 for a spread (full: 0 1 2)")
     p.add_argument("--num-test", type=int, help="held-out clips per row and seed")
     p.add_argument("--split", default="test", choices=["test", "val"], help="val: for tuning, never the test split")
     p.add_argument("--steps", type=int, help="global timesteps T of Alg. 1 (paper: 25, Sec. 4.1.2)")
-    p.add_argument("--gammas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="CMC-PE rows (Table 1)")
-    p.add_argument("--crossattn-gammas", type=float, nargs="+", default=[1.0], help="cross-attention rows (1.5: our "
+    p.add_argument("--gammas", action=cli.Listing, item=float, default=[1.0, 1.5, 2.0, 3.0],
+                   help="CMC-PE rows (Table 1)")
+    p.add_argument("--crossattn-gammas", action=cli.Listing, item=float, default=[1.0],
+                   help="cross-attention rows (1.5: our "
                    "reading of Table 1's row 2)")
     p.add_argument("--guidance-video", type=float, default=7.5)  # Sec. 4.1.2
     p.add_argument("--guidance-audio", type=float, default=2.5)  # Sec. 4.1.2
@@ -91,7 +92,7 @@ def train_runs(a, out, log):
     cache = out / "cache"
     if not (cache / "index.json").exists():  # the frozen encoders run once per clip (cache.py), not every step
         from support import cache as cache_py
-        cache_py.main(["--data", "synthetic", "--size", "tiny", "--num-clips", str(a.train_clips), "--out", str(cache),
+        cache_py.main(["--data", "synthetic", "--size", "tiny", "--num-clips", str(a.num_clips), "--out", str(cache),
                        "--device", a.device])
     common = ["--data", "synthetic", "--size", "tiny", "--base-steps", str(a.base_steps), "--batch-size",
               str(a.batch_size), "--cache", str(cache), "--device", a.device, "--ckpt-every", "100"]

@@ -1,6 +1,6 @@
 """Cache what is frozen: every training clip's VAE latent distribution and its caption's text embeddings, once.
 
-Not in the paper: an engineering step (issue 6). The official code re-encodes every clip through both VAEs and both
+Not in the paper: an engineering step. The official code re-encodes every clip through both VAEs and both
 text encoders at every step, although those networks never train (App. A.2): their outputs depend on the clip alone.
 We store the latent distribution's mean and std, not a sample, so training still draws x_0 = mean + std * noise with
 its own seeded noise per step, exactly as on the fly (train.joint_loss); and the text embeddings of each distinct
@@ -26,20 +26,23 @@ from tqdm import tqdm
 from base_models import load_base_models
 from data import build_dataset
 from support import cli
+from support.files import DiskFull, atomic_write, write_text
+from support.synthetic import MAX_CLIPS
 
 KEYS = ("video_mean", "video_std", "mel_mean", "mel_std")  # per clip, as BaseModels.encode_video / encode_audio give
 
 
 def _save(tensors, path):
-    """Atomic: a crash never leaves a half-written file under the final name."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic (files.atomic_write): a crash never leaves a half-written file under the final name."""
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 @torch.no_grad()
 def encode_dataset(bases, dataset, out, batch_size=8, shard_size=256, num_workers=0, dtype=torch.float32):
     """Encodes every item of `dataset` (data.build_dataset items) with the frozen encoders of `bases` into `out`."""
     os.makedirs(out, exist_ok=True)
+    if os.path.lexists(os.path.join(out, "index.json")):  # an older cache here: incomplete until the new index
+        os.remove(os.path.join(out, "index.json"))
     dev, clips, shards, buf = bases.device, [], [], {k: [] for k in KEYS}
 
     def flush(final=False):  # writes full shards of exactly shard_size clips (and the rest at the end)
@@ -66,9 +69,7 @@ def encode_dataset(bases, dataset, out, batch_size=8, shard_size=256, num_worker
           os.path.join(out, "text.safetensors"))
     info = dict(size=bases.size, fps=bases.fps, video_size=bases.video_size, dtype=str(dtype).split(".")[-1],
                 shards=shards, captions=captions, clips=clips)
-    with open(os.path.join(out, "index.json.tmp"), "w") as f:
-        json.dump(info, f)
-    os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
+    write_text(os.path.join(out, "index.json"), json.dumps(info))
     return info
 
 
@@ -122,13 +123,15 @@ def main(argv=None):
     p.add_argument("--flist", default=None, help="official file list (as train.py)")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
     cli.add_base_args(p)  # as train.py
-    p.add_argument("--fps", type=cli.number(int, 1), default=None, help="8 GreatestHits (4.1.2), 4 Landscape/VGGSound")
-    p.add_argument("--num-clips", type=cli.number(int, 1), default=None, help="synthetic: number of training clips")
+    p.add_argument("--fps", type=cli.number(int, 1, 60), default=None,
+                   help="8 GreatestHits (4.1.2), 4 Landscape/VGGSound")
+    p.add_argument("--num-clips", type=cli.number(int, 1, MAX_CLIPS), default=None,
+                   help="synthetic: number of training clips")
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--batch-size", type=cli.number(int, 1), default=8, help="clips per encoder call")
-    p.add_argument("--shard-size", type=cli.number(int, 1), default=256, help="clips per safetensors file")
-    p.add_argument("--num-workers", type=cli.number(int, 0), default=0, help="DataLoader workers decoding clips")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="stored precision")
+    p.add_argument("--batch-size", type=cli.number(int, 1, 1024), default=8, help="clips per encoder call")
+    p.add_argument("--shard-size", type=cli.number(int, 1, 65536), default=256, help="clips per safetensors file")
+    p.add_argument("--num-workers", type=cli.number(int, 0, 64), default=0, help="DataLoader workers decoding clips")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="stored precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     fps = a.fps or (4 if a.data in ("landscape", "vggsound") else 8)  # train.py's default
@@ -142,7 +145,11 @@ def main(argv=None):
                                  motion_adapter=a.motion_adapter, audio_base=a.audio_base)
     except (RuntimeError, ValueError) as e:  # weights offline, missing data folder: one line
         cli.fail(str(e))
-    info = encode_dataset(bases, dataset, a.out, a.batch_size, a.shard_size, a.num_workers, getattr(torch, a.dtype))
+    try:
+        info = encode_dataset(bases, dataset, a.out, a.batch_size, a.shard_size, a.num_workers,
+                              {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision])
+    except DiskFull as e:
+        cli.fail(str(e))
     print(f"cached {len(info['clips'])} clips ({len(info['captions'])} distinct captions incl. \"\") in {a.out}; "
           f"train with: python train.py --data {a.data} --size {a.size} --cache {a.out}")
 

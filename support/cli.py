@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import urllib.parse
 
 
 # the frozen base models (App. A.2): SD-1.5 (runwayml/stable-diffusion-v1-5 left the hub in 2024; this is its mirror;
@@ -36,10 +37,41 @@ def fail(message):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose own errors (unknown flag, bad type, bad choice) are one line too, not usage + error."""
+    """argparse whose own errors (unknown flag, bad type, bad choice) are one line too, not usage + error; no prefix
+    matching (--num is not --num-clips); every option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        empty = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        shown = not empty and "%(default)" not in (action.help or "")  # 0 and 0.0 are shown: `is`, not ==
+        if action.option_strings and shown and action.help != argparse.SUPPRESS:
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return action
 
     def error(self, message):
         fail(message)
+
+
+class Listing(argparse.Action):
+    """A list option whose items may be separated by spaces, commas or both: `--gamma 1,1.5 2`, `--metrics a, b`.
+    item: the type of one item (argparse's `type` would see a whole comma-separated token)."""
+
+    def __init__(self, option_strings, dest, item=str, **kwargs):
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+        self.item = item
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            items = [self.item(v.strip()) for token in values for v in token.split(",") if v.strip()]
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"argument {option_string}: {e}")
+        if not items:
+            parser.error(f"argument {option_string}: expected at least one value")
+        setattr(namespace, self.dest, items)
 
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -60,13 +92,30 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def existing(path, what, kind="file"):
-    """Fail unless path is an existing file / folder."""
-    if path is None or not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
-        fail(f"{what}: no such {kind}: {path}")
+    """Fail unless path is an existing file / folder, saying what is wrong: missing option, a file for a folder, ..."""
+    noun = "folder" if kind == "dir" else "file"
+    if path is None:
+        fail(f"{what} is required here: give a {noun}")
+    if kind == "dir" and os.path.isfile(path):
+        fail(f"{what}: {path} is a file; give a folder")
+    if kind == "file" and os.path.isdir(path):
+        fail(f"{what}: {path} is a folder; give a file")
+    if not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
+        fail(f"{what}: no such {noun}: {path}")
+
+
+def run_folder(path, what):
+    """Fail unless path is a folder, and say so when it is one stage's checkpoint (<run>/joint) instead of the run."""
+    existing(path, what, "dir")
+    if os.path.isfile(os.path.join(path, "COMPLETE")):  # written last into each stage's checkpoint folder
+        fail(f"{what} {path} is one stage's checkpoint; give its run folder: {what} "
+             f"{os.path.dirname(os.path.abspath(path))}")
 
 
 def writable_dir(path, what):
     """Create the folder if needed and prove that it takes files; fail with one line otherwise."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        fail(f"{what}: {path} is a file, not a folder; give a folder (created if missing) or another name")
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -75,10 +124,14 @@ def writable_dir(path, what):
 
 
 def hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    """Whether the configured hub (HF_ENDPOINT, else huggingface.co) accepts a connection now."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout).close()
         return True
     except OSError:
         return False

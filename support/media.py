@@ -1,36 +1,25 @@
-"""Writing clips: float32 wav and browser-playable mp4 (H.264 + AAC), each through a temporary file renamed into
-place. Not in the paper: file formats.
+"""Writing clips: float32 wav and browser-playable mp4 (H.264 + AAC), each through support/files.atomic_write (a
+temporary file renamed into place; one line on a full disk); ffmpeg dies with the process that runs it.
+Not in the paper: file formats.
 """
+import errno
 import os
-import subprocess
-import tempfile
 
 import imageio_ffmpeg
 import numpy as np
 import scipy.io.wavfile
 import soundfile as sf
 
+from support import files
+from support.files import atomic_write  # noqa: F401 (the writers' helper, also used from here by metrics.py)
+
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SR = 16000  # AudioLDM's sampling rate
 
 
 def _ffmpeg(args, stdin=None):
-    out = subprocess.run([FFMPEG, "-nostdin", "-hide_banner", *args], input=stdin, capture_output=True)
+    out = files.run([FFMPEG, "-nostdin", "-hide_banner", *args], stdin=stdin)
     return out.returncode, out.stdout, out.stderr.decode(errors="replace")
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader never sees half a file,
-    and a file or symlink already at `path` is replaced, never written through."""
-    path = os.path.abspath(path)  # also keeps a name starting with "-" from reaching ffmpeg as an option
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_wav(path, audio, sr=SR):
@@ -44,13 +33,18 @@ def write_mp4(path, frames, fps, audio, sr=SR):
     frames = np.ascontiguousarray(frames, np.uint8)
 
     def write(tmp):
-        with tempfile.NamedTemporaryFile(suffix=".wav") as wav:  # audio goes in as a float wav, stdin the frames
-            sf.write(wav.name, np.asarray(audio, np.float32), sr, subtype="FLOAT")
+        wav = files.temporary(os.path.dirname(tmp), ".wav")  # the audio goes in as a float wav, stdin the frames
+        try:
+            sf.write(wav, np.asarray(audio, np.float32), sr, subtype="FLOAT")
             rc, _, err = _ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
-                                  f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav.name,
+                                  f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav,
                                   "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p",
                                   "-c:a", "aac", "-b:a", "128k", "-ar", str(sr), "-ac", "1", "-movflags", "+faststart",
                                   "-shortest", "-f", "mp4", tmp], stdin=frames.tobytes())
+        finally:
+            os.remove(wav)
+        if rc and files.FULL_TEXT.search(err):
+            raise OSError(errno.ENOSPC, err.strip()[-300:])
         if rc:
             raise RuntimeError(f"ffmpeg could not write {path}: {err.strip()[-300:]}")
     atomic_write(path, write)
@@ -63,7 +57,7 @@ def save_clips(out, result, names=None):
     os.makedirs(out, exist_ok=True)
     names = names or [f"{k:04d}" for k in range(len(result["frames"]))]
     paths = []
-    for name, frames, wave in zip(names, result["frames"], result["waveforms"]):
+    for name, frames, wave in zip(names, result["frames"], result["audios"]):
         base = os.path.join(os.path.abspath(out), name)
         write_wav(base + ".wav", wave, result["sample_rate"])
         write_mp4(base + ".mp4", frames, result["fps"], wave, result["sample_rate"])

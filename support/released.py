@@ -34,14 +34,15 @@ def as_list(v):
 def official_name(key):
     """One of our added-module parameter names (JointModel.state_dict()) -> the released unet_svg key."""
     kind, rest = key.split(".", 1)
-    m = kind[-1]
+    modality = kind[-1]
     if kind.startswith("blocks_"):
         k, name = rest.split(".", 1)
         inner = "transformer_blocks.0." if name.split(".")[0] in INNER else ""
-        return f"connector_in_{MODALITY[m]}.{BLOCK[int(k)]}.0.{inner}{name}"
+        return f"connector_in_{MODALITY[modality]}.{BLOCK[int(k)]}.0.{inner}{name}"
     stage, name = rest.split(".", 1)
-    code = STAGE[stage] + (".0" if m == "v" and stage in ("res1", "res2") else "")  # video: [ResBlock, STA] lists
-    return f"connector_out_{MODALITY[m]}.{code}.{name}"
+    video_pair = modality == "v" and stage in ("res1", "res2")  # video: [ResBlock, STA] lists
+    code = STAGE[stage] + (".0" if video_pair else "")
+    return f"connector_out_{MODALITY[modality]}.{code}.{name}"
 
 
 def added_state(model):
@@ -65,13 +66,15 @@ def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
         raise OfficialFormatError(f"unet_svg connector_in_type must be 'additive' or 'attn' for both, got "
                                   f"{cv.get('connector_in_type')!r} / {ca.get('connector_in_type')!r}")
     head_dim = {}
-    for m, unet in (("video", video_unet), ("audio", audio_unet)):
-        base = config.get(f"unet_{m}_config", {})
+    for modality, unet in (("video", video_unet), ("audio", audio_unet)):
+        base = config.get(f"unet_{modality}_config", {})
         for k in ("block_out_channels", "in_channels"):
             have, want = as_list(unet.config[k]), as_list(base.get(k, unet.config[k]))
             if want != have:
-                raise OfficialFormatError(f"unet_svg was built for a {m} U-Net with {k}={want}, this one has {have}")
-        head_dim[m] = base.get("attention_head_dim", 8)  # released: read as the per-head width of the added blocks
+                raise OfficialFormatError(f"unet_svg was built for a {modality} U-Net with {k}={want}, this one has "
+                                          f"{have}")
+        # released: read as the per-head width of the added blocks
+        head_dim[modality] = base.get("attention_head_dim", 8)
     if head_dim["video"] != head_dim["audio"]:
         raise OfficialFormatError(f"unet_svg: attention_head_dim differs between the U-Nets ({head_dim})")
     model = cls(video_unet, audio_unet, IN_TYPE[cv["connector_in_type"]], fps=config.get("_fps", fps),
@@ -104,9 +107,9 @@ def official_config(model):
     connector = dict(RELEASED, connector_channel=c["context_channels"],
                      connector_in_type={v: k for k, v in IN_TYPE.items()}[c["conditioner"]])
     bases = {}
-    for m, unet in (("video", model.video_unet), ("audio", model.audio_unet)):
+    for modality, unet in (("video", model.video_unet), ("audio", model.audio_unet)):
         base = {k: as_list(v) for k, v in unet.config.items()}
-        bases[f"unet_{m}_config"] = dict(base, attention_head_dim=c["head_dim"],  # released: read from here
+        bases[f"unet_{modality}_config"] = dict(base, attention_head_dim=c["head_dim"],  # released: read from here
                                          time_embedding_dim=base.get("time_embedding_dim"))
     return {"_class_name": "UNetModelSVG", "_diffusers_version": diffusers.__version__, "_time_align": c["time_align"],
             "_fps": c["fps"], "connector_audio_config": connector, "connector_video_config": connector, **bases}

@@ -10,10 +10,13 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from support.media import atomic_write, write_mp4, write_wav
+from support.files import write_text
+from support.media import write_mp4, write_wav
 
 SR = 16000
 TEST_SEED = 10 ** 6  # synthetic clips: train seeds 0.., held-out test seeds 10**6..
+MAX_CLIPS = TEST_SEED  # per split: more training seeds would reach the test seeds
+FPS = (2, 60)  # frame rates the clips can take: at 1 fps a 4-s clip has no room for 2 hits 0.5 s apart
 
 COLOURS = dict(red=(215, 45, 40), green=(50, 170, 60), blue=(45, 85, 215), yellow=(235, 205, 40), white=(235, 235, 230))
 SHAPES = ("box", "ball", "bowl")
@@ -84,10 +87,11 @@ def write_synthetic(out, num, fps=8, size=64, split="test"):
     os.makedirs(out, exist_ok=True)
     seeds = range(TEST_SEED if split == "test" else 0, (TEST_SEED if split == "test" else 0) + num)
     lines = []
-    for s in tqdm(seeds, desc=f"writing {num} synthetic clips"):
-        c, name = synthetic_clip(s, size, fps), f"synth_{s:07d}"
-        write_wav(os.path.join(out, name + ".wav"), c["audio"])
-        write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
-        lines.append(f'{name}.mp4,"{c["caption"]}"\n')
-    atomic_write(os.path.join(out, "captions.txt"), lambda tmp: open(tmp, "w").writelines(lines))
+    with tqdm(seeds, desc=f"writing {num} synthetic clips") as bar:  # closed before an error line, whatever fails
+        for s in bar:
+            c, name = synthetic_clip(s, size, fps), f"synth_{s:07d}"
+            write_wav(os.path.join(out, name + ".wav"), c["audio"])
+            write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
+            lines.append(f'{name}.mp4,"{c["caption"]}"\n')
+    write_text(os.path.join(out, "captions.txt"), "".join(lines))
     print(f"wrote {num} clips (.mp4 + .wav) and captions.txt to {out}")

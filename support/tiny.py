@@ -27,7 +27,8 @@ from support.cli import WeightsNotFound
 def byte_tokenizers(max_length=77):
     """(CLIP, RoBERTa/CLAP) byte-level BPE tokenizers with no merges, written to a temp dir: no hub needed.
     CLIP: 256 bytes + 256 bytes</w> + bos/eos = 514 ids; RoBERTa: <s>,<pad>,</s>,<unk> + 256 bytes + <mask> = 261 ids.
-    Built with from_pretrained(dir): transformers 5 silently ignores CLIPTokenizer(vocab_file=...) (notes §1)."""
+    Built with from_pretrained(dir): transformers 5 silently ignores CLIPTokenizer(vocab_file=...), so the vocabulary
+    would stay empty."""
     b = list(bytes_to_unicode().values())
     vocabs = {"clip": b + [s + "</w>" for s in b] + ["<|startoftext|>", "<|endoftext|>"],
               "clap": ["<s>", "<pad>", "</s>", "<unk>"] + b + ["<mask>"]}

@@ -43,17 +43,17 @@ class RelativePositionBias(nn.Module):
         self.net = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), nn.SiLU()), nn.Sequential(nn.Linear(dim, dim),
                                   nn.SiLU()), nn.Linear(dim, heads)])
 
-    def forward(self, n):  # -> (heads, n, n)
+    def forward(self, num_frames):  # -> (heads, F, F)
         w = self.net[0][0].weight
-        i = torch.arange(n, device=w.device, dtype=torch.float32)
-        d = (i[:, None] - i[None, :])[..., None]  # (n, n, 1): frame offset i - j
+        i = torch.arange(num_frames, device=w.device, dtype=torch.float32)
+        d = (i[:, None] - i[None, :])[..., None]  # (F, F, 1): frame offset i - j
         d = (torch.sign(d) * torch.log(d.abs() + 1)).to(w.dtype)
         for layer in self.net:
             d = layer(d)
         return d.permute(2, 0, 1)
 
 
-def sinusoidal(pos, dim):  # (n,) -> (n, dim), [sin | cos] with CoDi's frequency spacing log(1e4) / (dim/2 - 1)
+def sinusoidal(pos, dim):  # (F,) -> (F, dim), [sin | cos] with CoDi's frequency spacing log(1e4) / (dim/2 - 1)
     step = -(math.log(10000) / (dim // 2 - 1))
     freqs = torch.exp(torch.arange(dim // 2, device=pos.device, dtype=torch.float32) * step)
     args = pos[:, None] * freqs[None]
@@ -71,9 +71,8 @@ class TemporalAttention(nn.Module):
         self.to_out = zero(nn.Linear(heads * dim_head, dim, bias=False))
 
     def forward(self, x, bias):  # x (N, F, C), bias (heads, F, F)
-        n = x.shape[1]
-        t = torch.arange(n, device=x.device, dtype=torch.float32) / 8  # released: frame times at 8 fps, any fps
-        x = self.norm(x + sinusoidal(t, x.shape[2]).to(x.dtype))  # released: the norm runs over frames
+        seconds = torch.arange(x.shape[1], device=x.device, dtype=torch.float32) / 8  # released: 8 fps, any fps
+        x = self.norm(x + sinusoidal(seconds, x.shape[2]).to(x.dtype))  # released: the norm runs over frames
         q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (N, heads, F, dim_head)
                    for z in (self.to_q(x), *self.to_kv(x).chunk(2, -1)))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (N, heads, F, dim_head)
@@ -108,9 +107,11 @@ class FrameShift(nn.Module):
         self.out_layers = nn.Sequential(group_norm(dim), nn.SiLU(), zero(nn.Conv2d(dim, dim, 3, padding=1)))
 
     def forward(self, x):  # (B, C, F, H, W)
-        B, C, n, H, W = x.shape
-        h = self.out_layers(x.transpose(1, 2).reshape(B * n, C, H, W)).view(B, n, C, H, W).transpose(1, 2)
-        return x + torch.cat([F.pad(g, (0, 0, 0, 0, min(i, n), -min(i, n))) for i, g in enumerate(h.chunk(8, 1))], 1)
+        B, C, num_frames, H, W = x.shape
+        h = self.out_layers(x.transpose(1, 2).reshape(B * num_frames, C, H, W))  # per frame: (B*F, C, H, W)
+        h = h.view(B, num_frames, C, H, W).transpose(1, 2)  # (B*F, C, H, W) -> (B, C, F, H, W)
+        delay = lambda i: min(i, num_frames)
+        return x + torch.cat([F.pad(g, (0, 0, 0, 0, delay(i), -delay(i))) for i, g in enumerate(h.chunk(8, 1))], 1)
 
 
 class SpatioTemporalAttention(nn.Module):
@@ -123,8 +124,8 @@ class SpatioTemporalAttention(nn.Module):
         self.ff, self.frameshiftblock = TemporalFeedForward(dim), FrameShift(dim)
 
     def forward(self, x):  # (B, C, F, H, W)
-        B, C, n, H, W = x.shape
-        t = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, n, C)  # (B*H*W, F, C): one sequence per pixel
-        t = t + self.temporal_attn(t, self.temporal_rel_pos_bias(n))
-        x = t.view(B, H, W, n, C).permute(0, 4, 3, 1, 2)  # back to (B, C, F, H, W)
+        B, C, num_frames, H, W = x.shape
+        seq = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, num_frames, C)  # (B*H*W, F, C): one sequence per pixel
+        seq = seq + self.temporal_attn(seq, self.temporal_rel_pos_bias(num_frames))
+        x = seq.view(B, H, W, num_frames, C).permute(0, 4, 3, 1, 2)  # (B*H*W, F, C) -> (B, C, F, H, W)
         return self.frameshiftblock(x + self.ff(x))

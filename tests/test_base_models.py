@@ -65,7 +65,7 @@ def test_encode_text(tiny):
 
 def test_frozen_and_schedules(tiny):
     assert not any(p.requires_grad for p in tiny.parameters()) and not tiny.training
-    # alphas_cumprod at t = 0, 100, 250, 500, 750, 999 (notes diffusers.md §3.5)
+    # alphas_cumprod at t = 0, 100, 250, 500, 750, 999
     t = [0, 100, 250, 500, 750, 999]
     v = torch.tensor([.9991, .8673, .5688, .1608, .0225, .0016])
     a = torch.tensor([.9985, .8231, .5084, .1149, .0083, .0001])

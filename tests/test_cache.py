@@ -1,6 +1,7 @@
 """cache.py: stored latents / text embeddings equal the frozen encoders' outputs, and training from the cache gives the
 same losses as encoding on the fly (same seeds), caption dropout (classifier-free guidance) included."""
 import json
+import os
 
 import pytest
 import torch
@@ -49,15 +50,15 @@ def test_same_losses_as_on_the_fly(cached, p_uncond):
     losses = []
     with torch.no_grad():
         for step in (0, 1, 2):  # the self-conditioning coin comes up both ways over these steps (seed 0)
-            a, info_a = train.joint_loss(model, bases, raw_batch, args, step)
-            b, info_b = train.joint_loss(model, bases, cached_batch, args, step)
+            a, info_a = train.joint_loss(model, bases, raw_batch, step=step, **train.loss_settings(args))
+            b, info_b = train.joint_loss(model, bases, cached_batch, step=step, **train.loss_settings(args))
             assert info_a["t_v"] == info_b["t_v"] and info_a["t_a"] == info_b["t_a"]
             torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
             losses.append(a)
     if p_uncond == 1.0:  # every caption dropped: the loss must differ from keeping them, so dropout did something
         args.p_uncond = 0.0
         with torch.no_grad():
-            kept = train.joint_loss(model, bases, cached_batch, args, 0)[0]
+            kept = train.joint_loss(model, bases, cached_batch, step=0, **train.loss_settings(args))[0]
         assert (kept - losses[0]).abs() > 1e-4 * losses[0]
 
 
@@ -87,3 +88,17 @@ def test_clear_errors(cached, tmp_path):
         cache.CachedClips(str(tmp_path))
     with pytest.raises(ValueError, match="size=tiny"):
         cache.CachedClips(cached[0], size="full")
+
+
+def test_links_at_the_old_temporary_names_are_never_written_through(tmp_path):
+    """Earlier versions wrote <file>.tmp beside each cache file, following a link planted there."""
+    out, victim = tmp_path / "cache", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    for name in ("shard_00000.safetensors.tmp", "text.safetensors.tmp", "index.json.tmp", "index.json"):
+        os.symlink(victim, out / name)
+    cache.main(COMMON[:-1] + ["2", "--out", str(out), "--shard-size", "1", "--device", "cpu"])
+    assert victim.read_text() == "precious" and not (out / "index.json").is_symlink()
+    assert cache.CachedClips(str(out), size="tiny", fps=8)[1]["video_mean"].shape[0] == 4
+    assert sorted(n for n in os.listdir(out) if not n.endswith(".tmp")) == [
+        "index.json", "shard_00000.safetensors", "shard_00001.safetensors", "text.safetensors"]

@@ -1,6 +1,7 @@
 """cmcpe.py: time resampling by seconds (closed forms, avg-pool / nearest ground truths), diffusers' Attention and
-FeedForward as references, identity at init, where the context enters in time under both time_align modes, the
-connectors' shapes, self-conditioning and frame causality. Exactness against the released model: test_official.py."""
+FeedForward as references, identity at init, where the context enters in time under both time_align modes (CMC-PE is
+local in time, the cross-attention baseline of Sec. 3.3.1 is not), the connectors' shapes, self-conditioning and
+frame causality. Exactness against the released model: test_official.py."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 
-from cmcpe import CMCPE, Attention, Connector, CrossAttentionBlock, FeedForward, time_weights
+from cmcpe import (CMCPE, Attention, Connector, CrossAttentionBlock, FeedForward, context_encoding, pool_sequence,
+                   pool_vector, time_weights)
 
 FPS, SEC_LATENT = 8, 0.04  # video 8 fps; one AudioLDM latent row = 4 hops * 160 / 16000 s
 
@@ -66,11 +68,12 @@ def test_attention_and_feedforward_match_diffusers():
 
 
 # ---------------------------------------------------------------- CMC-PE / cross-attention blocks
-def case(side, T_c=52):
-    """(h, ctx, sec_h, sec_c, num_frames): video frames fed the audio context, audio features fed video frames."""
+def case(side):
+    """(h, ctx, sec_h, sec_c, num_frames): video frames (B*F, C, H, W) fed the audio context (B, C_c, 52 steps of
+    0.08 s), audio features (B, C, 13 rows of 0.32 s, M) fed the video frames (B, C_c, 32 frames)."""
     g = torch.Generator().manual_seed(1)
     if side == "video":
-        return torch.randn(2 * 32, 32, 2, 2, generator=g), torch.randn(2, 16, T_c, generator=g), 1 / FPS, 0.08, 32
+        return torch.randn(2 * 32, 32, 2, 2, generator=g), torch.randn(2, 16, 52, generator=g), 1 / FPS, 0.08, 32
     return torch.randn(2, 32, 13, 2, generator=g), torch.randn(2, 16, 32, generator=g), 0.32, 1 / FPS, None
 
 
@@ -78,23 +81,23 @@ def case(side, T_c=52):
 @pytest.mark.parametrize("cls", [CMCPE, CrossAttentionBlock])
 @pytest.mark.parametrize("side", ["video", "audio"])
 def test_identity_at_init(cls, side, time_align):
-    h, ctx, sec_h, sec_c, n = case(side)
+    h, ctx, sec_h, sec_c, num_frames = case(side)
     block = cls(32, 16, video=side == "video", head_dim=8, time_align=time_align)
-    ctx = ctx if cls is CMCPE else cls.pool(ctx[..., None])  # the baseline reads one vector (B, 1, C_c)
-    assert torch.equal(block(h, ctx, sec_h, sec_c, num_frames=n), h)
-    out = randomize(block)(h, ctx, sec_h, sec_c, num_frames=n)  # and not by accident: trained blocks do act
+    ctx = ctx if cls is CMCPE else pool_vector(ctx[..., None])  # the baseline reads one vector (B, 1, C_c)
+    assert torch.equal(block(h, ctx, sec_h, sec_c, num_frames=num_frames), h)
+    out = randomize(block)(h, ctx, sec_h, sec_c, num_frames=num_frames)  # and not by accident: trained blocks act
     assert out.shape == h.shape and not torch.allclose(out, h)
 
 
-def changed_frames(block, k0, k1):
+def changed_frames(block, j0, j1):
     """Video CMC-PE with its context GroupNorm bypassed (it couples all steps through its statistics): which of the
-    32 output frames change when context steps k0..k1-1 change."""
-    h, ctx, sec_h, sec_c, n = case("video")
+    32 output frames change when context steps j0..j1-1 change."""
+    h, ctx, sec_h, sec_c, num_frames = case("video")
     block.attn_c.norm = nn.Identity()
     ctx2 = ctx.clone()
-    ctx2[:, :, k0:k1] += torch.randn(2, 16, k1 - k0)
-    d = block(h, ctx2, sec_h, sec_c, num_frames=n) != block(h, ctx, sec_h, sec_c, num_frames=n)
-    changed = d.view(2, n, -1).any(-1)  # (B, F): b*F+f order
+    ctx2[:, :, j0:j1] += torch.randn(2, 16, j1 - j0)
+    d = block(h, ctx2, sec_h, sec_c, num_frames=num_frames) != block(h, ctx, sec_h, sec_c, num_frames=num_frames)
+    changed = d.view(2, num_frames, -1).any(-1)  # (B*F, C, H, W) -> (B, F): b*F+f order
     assert (changed[0] == changed[1]).all()
     return changed[0].nonzero().flatten().tolist()
 
@@ -121,8 +124,26 @@ def test_audio_side_encoding_changes_only_at_shared_time():
     ctx2 = ctx.clone()
     ctx2[:, :, 16] += torch.randn(2, 16)  # video frame 16 = [2.0, 2.125) s
     W = time_weights(50, 0.08, 32, 1 / FPS)  # audio up[1] features: 50 frames of 0.08 s
-    d = (block.attn_c.encoding(ctx2, 50, W) != block.attn_c.encoding(ctx, 50, W)).any(1)  # (B, 50)
+    d = (context_encoding(block.attn_c, ctx2, 50, W) != context_encoding(block.attn_c, ctx, 50, W)).any(1)  # (B, 50)
     assert d[:, [25, 26]].all() and d.sum() == 4  # [2.0, 2.08), [2.08, 2.16)
+
+
+def test_cross_attention_baseline_is_not_local_in_time():
+    """Sec. 3.3.1 / Fig. 3a, beside CMC-PE's locality above: the baseline reads the audio as ONE vector, so changing
+    one audio step changes EVERY video frame's output, and frames that enter identical leave identical whatever the
+    audio says when; CMC-PE makes them differ by the audio at each frame's own time."""
+    h, ctx, sec_h, sec_c, num_frames = case("video")
+    run = lambda block, h, c: block(h, c, sec_h, sec_c, num_frames=num_frames).view(2, num_frames, -1)  # (B, F, ...)
+    z = ctx[..., None]  # the audio connector map (B, C_c, 52 steps, 1) that both contexts are pooled from
+    z2 = z.clone()
+    z2[:, :, 25] += torch.randn(2, 16, 1)  # audio step 25 = [2.0, 2.08) s only
+    xattn = randomize(CrossAttentionBlock(32, 16, video=True))
+    assert (run(xattn, h, pool_vector(z2)) != run(xattn, h, pool_vector(z))).any(-1).all()  # all 32 frames, B = 2
+    still = h.view(2, num_frames, 32, 2, 2)[:, :1].expand(-1, num_frames, -1, -1, -1).reshape(h.shape)  # frame 0 x 32
+    out = run(xattn, still, pool_vector(z))
+    assert (out - out[:, :1]).abs().max() < 1e-6  # no audio timing reaches the frames
+    out = run(randomize(CMCPE(32, 16, video=True)), still, pool_sequence(z))
+    assert (out - out[:, :1]).abs().amax((0, 2))[1:].min() > 1e-3  # every later frame differs from frame 0
 
 
 def test_video_requires_num_frames():
@@ -132,9 +153,9 @@ def test_video_requires_num_frames():
 
 def test_pooling_normalises_over_time_or_channels():
     z = torch.randn(2, 16, 8, 4, 4)  # a video connector map (B, C, F, h, w)
-    ctx = CMCPE.pool(z)
+    ctx = pool_sequence(z)
     assert ctx.shape == (2, 16, 8) and torch.allclose(ctx.norm(dim=-1), torch.ones(2, 16))  # released: over TIME
-    one = CrossAttentionBlock.pool(z)
+    one = pool_vector(z)
     assert one.shape == (2, 1, 16) and torch.allclose(one.norm(dim=-1), torch.ones(2, 1))
     assert torch.allclose(one[:, 0] * z.mean((2, 3, 4)).norm(dim=-1, keepdim=True), z.mean((2, 3, 4)), atol=1e-6)
 

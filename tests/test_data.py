@@ -256,3 +256,33 @@ def test_prepare_cuts_exact_windows(tmp_path, capsys):
         frames, audio = data.read_clip(out / f, 8, max_pad=0)
         assert frames.shape == (32, 64, 64, 3) and audio.shape == (64000,)
     assert "wrote 2 clips" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- command line: ranges the work can take
+@pytest.mark.parametrize("argv, why", [
+    (["prepare", "--fps", "1e9"], "--fps: 1e9 is outside [1, 60]"),  # ffmpeg filled 22.5 GB in 55 s at 1e9
+    (["prepare", "--fps", "0.5"], "--fps"), (["prepare", "--fps", "nan"], "--fps"),
+    (["prepare", "--size", "4096"], "--size: 4096 is outside"), (["prepare", "--size", "100"], "a multiple of 8"),
+    (["prepare", "--workers", "0"], "--workers"), (["prepare", "--workers", "100000"], "--workers"),
+    (["synthetic", "--num-clips", "1000000000000"], "--num-clips: 1000000000000 is outside"),  # 8 TB of seeds
+    (["synthetic", "--fps", "1"], "--fps: 1 is outside [2, 60]"), (["synthetic", "--fps", "61"], "--fps"),
+    (["synthetic", "--num-clips", "1000000", "--size", "512"], "GiB, more than")])  # more than the disk holds
+def test_bad_cli_input_one_line_exit_2_before_any_work(argv, why, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("prepare started"))
+    monkeypatch.setattr(data, "write_synthetic", lambda *a, **k: pytest.fail("writing started"))
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 12, 0, 10 ** 11))
+    extra = ["--src", str(tmp_path)] if argv[0] == "prepare" else []
+    with pytest.raises(SystemExit) as e:
+        data.main(argv + extra + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and why in err[0], err
+
+
+@pytest.mark.parametrize("kw, why", [(dict(num_clips=10 ** 12), "synthetic clips: a split has 1..1000000"),
+                                     (dict(fps=10 ** 9), "fps 1000000000 is outside .2, 60. for synthetic"),
+                                     (dict(size=17), "size 17")])
+def test_datasets_refuse_settings_they_cannot_take(kw, why):
+    """train.py and support/cache.py build their data here: the same ranges hold for them."""
+    with pytest.raises(ValueError, match=why):
+        data.build_dataset("synthetic", "train", **kw)
+    assert len(data.build_dataset("synthetic", "train", num_clips=data.MAX_CLIPS)) == data.MAX_CLIPS  # lazy: no memory

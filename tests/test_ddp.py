@@ -1,5 +1,5 @@
 """One global batch, however it is split: under torchrun (DistributedDataParallel, 2 gloo processes on the CPU) or
-into --grad-accum micro-batches, one step updates the weights as one process does on the whole batch. train.py
+into --micro-batch pieces (accumulation), one step updates the weights as one process does on the whole batch. train.py
 seeds every per-sample draw (noise, timesteps, caption dropout) by (seed, step, index in the global batch) and draws
 one self-conditioning coin per step, so all runs see the same samples, noise and timesteps; DDP averages the half-
 batch gradients and accumulation sums micro-batch losses / N, both the whole batch's mean gradient. And clipping."""
@@ -36,15 +36,15 @@ def gradients(opt, beta1=0.9):  # after Adam's first step exp_avg = (1 - beta1) 
 
 
 def test_two_half_batches_equal_one_whole_batch(tmp_path):
-    launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *RUN, "--batch-size", "2",
-            "--out", str(tmp_path / "ddp")])
+    launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *RUN, "--batch-size", "4",
+            "--out", str(tmp_path / "ddp")])  # --batch-size: the global batch, 2 clips per process
     launch([*RUN, "--batch-size", "4", "--out", str(tmp_path / "one")])
     assert_same_update(read(tmp_path / "ddp"), read(tmp_path / "one"))
 
 
 def test_gradient_accumulation_equals_one_big_batch_and_clipping_bounds_the_norm(tmp_path):
     main = lambda *a: train.main([*RUN[1:], *a])  # in this process: no fresh imports
-    main("--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "accum"))
+    main("--batch-size", "4", "--micro-batch", "2", "--out", str(tmp_path / "accum"))  # accumulation 2
     main("--batch-size", "4", "--out", str(tmp_path / "one"))
     assert_same_update(read(tmp_path / "accum"), read(tmp_path / "one"))
     main("--batch-size", "4", "--max-grad-norm", "0", "--out", str(tmp_path / "free"))

@@ -2,6 +2,7 @@
 the official scripts, Frechet distances against closed forms, the FVD / FAD / ImageBind paths with stand-in feature
 extractors, and the command end to end on a folder of tiny mp4s."""
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_two_onsets_per_peak_official_exceeds_one():
 def test_scores_by_hand_and_bounds():
     # A = {0.5, 1.0, 2.0}, V = {0.55, 3.0}, window 1/8 s: one onset and one peak match, p = 1/3, r = 1/2
     p, r = 1 / 3, 1 / 2
-    assert av_align.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "iou") == pytest.approx(p * r / (p + r - p * r)) == 0.25
+    iou = av_align.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "iou")
+    assert iou == pytest.approx(p * r / (p + r - p * r)) == 0.25
     assert av_align.align_score([0.5, 1.0, 2.0], [0.55, 3.0], 8, "official") == 1 / (3 + 2 - 1)
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -390,9 +392,11 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
     (gen / "broken.mp4").write_bytes(b"not a video")
     write_clip(ref / "c.mp4", make_frames(seed=2), make_audio([t + 0.5 for t in HIT_TIMES]))
     out = tmp_path / "results.json"
-    metrics.main(["--gen", str(gen), "--ref", str(ref), "--out", str(out), "--workers", "2", "--i3d",
-                  str(tmp_path / "i3d.pt"), "--vggish", str(tmp_path / "missing.pth")])
+    with pytest.raises(SystemExit) as e:  # FAD's weights (and ImageBind) are missing: written, then exit 1
+        metrics.main(["--gen", str(gen), "--ref", str(ref), "--out", str(out), "--workers", "2", "--i3d",
+                      str(tmp_path / "i3d.pt"), "--vggish", str(tmp_path / "missing.pth")])
     res = json.loads(out.read_text())
+    assert e.value.code == 1 and "fad" in res["not_computed"]
     assert res["results"]["av_align_iou/gen"] == 1.0 and res["results"]["av_align_iou/ref"] == 0.0
     assert set(res["per_clip"]["gen"]) == {str(gen / "a.mp4"), str(gen / "b.mp4")}
     assert str(gen / "broken.mp4") in res["failed_files"]
@@ -411,10 +415,12 @@ def test_damaged_or_short_clips_fail_per_file_and_the_output_opens_first(tmp_pat
     whole = (gen / "good.mp4").read_bytes()
     (gen / "cut.mp4").write_bytes(whole[:len(whole) * 6 // 10])  # its header still lists 32 frames; 7 decode
     media.write_mp4(gen / "short.mp4", make_frames()[:16], FPS, make_audio(HIT_TIMES)[:2 * SR])  # 2 s of a 4 s clip
-    res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "1", "--out", str(tmp_path / "r.json")])
+    res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "1", "--out",
+                        str(tmp_path / "r.json")])
     failed = json.loads((tmp_path / "r.json").read_text())["failed_files"]
     assert res["av_align_iou/gen"] == 1.0 and set(failed) == {str(gen / "cut.mp4"), str(gen / "short.mp4")}
-    assert "truncated: 7 of the 32 frames" in failed[str(gen / "cut.mp4")] and "too short" in failed[str(gen / "short.mp4")]
+    assert "truncated: 7 of the 32 frames" in failed[str(gen / "cut.mp4")]
+    assert "too short" in failed[str(gen / "short.mp4")]
     monkeypatch.setattr(metrics, "map_clips", lambda *a, **k: pytest.fail("scored before --out was checked"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -434,3 +440,163 @@ def test_weight_files_load_as_tensors_only(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         metrics.load_vggish(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------ failures, files, processes
+def test_a_requested_metric_not_computed_fails_the_run_after_writing_the_rest(clip_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:  # FVD and FAD need --ref: requested, so the run fails
+        metrics.main(["--gen", str(clip_dir), "--metrics", "av_align,fvd,fad", "--workers", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert e.value.code == 1 and res["results"]["av_align_iou/gen"] is not None
+    assert res["not_computed"] == {"fvd": "needs --ref", "fad": "needs --ref"}
+    err = capsys.readouterr().err
+    assert "fvd not computed: needs --ref" in err and err.strip().splitlines()[-1].startswith("error: not computed")
+
+
+def test_results_are_written_through_a_fresh_temporary_file(clip_dir, tmp_path, capsys):
+    target, out = tmp_path / "precious.txt", tmp_path / "r.json"
+    target.write_text("keep")
+    (tmp_path / "r.json.tmp").symlink_to(target)  # the name an older version wrote through
+    metrics.main(["--gen", str(clip_dir), "--metrics", "av_align", "--workers", "1", "--out", str(out)])
+    assert target.read_text() == "keep" and json.loads(out.read_text())["results"]["av_align_iou/gen"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt", "r.json", "r.json.tmp"]  # nothing left
+    for argv, message in ((["--out", ""], "error: --out: give a file name"),
+                          (["--captions", str(tmp_path / "empty.txt")], "error: --captions")):
+        (tmp_path / "empty.txt").write_text("\n")
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            metrics.main(["--gen", str(clip_dir), "--metrics", "av_align", "--out", str(out)] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+
+
+def _children(pid):
+    """The multiprocessing workers among a process's children (Linux /proc)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _alive(pid):
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has died
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the workers")
+def test_sigkill_takes_the_workers_along(clip_dir, tmp_path):
+    import select
+    import signal
+    import subprocess
+    import time
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for k in range(40):  # enough work that both workers are busy when the kill comes
+        for ext in (".mp4", ".wav"):
+            (gen / f"c{k:02d}{ext}").symlink_to(clip_dir / f"aligned{ext}")
+    root = Path(__file__).resolve().parents[1]
+    log = open(tmp_path / "stderr.txt", "wb")
+    proc = subprocess.Popen([sys.executable, str(root / "metrics.py"), "--gen", str(gen), "--metrics", "av_align",
+                             "--workers", "2", "--out", str(tmp_path / "r.json")], cwd=root, stdout=subprocess.PIPE,
+                            stderr=log)
+    deadline, workers = time.time() + 180, []
+    while time.time() < deadline and proc.poll() is None and not (
+            len(workers) == 2 and "AV-Align gen:   5%" in (tmp_path / "stderr.txt").read_text()):
+        time.sleep(0.2)  # until both workers run and have scored 2 of the 40 clips
+        workers = _children(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    t0, eof = time.time(), False
+    while time.time() - t0 < 20 and not eof:  # the caller's pipe closes once no worker holds it
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            eof = proc.stdout.read1(65536) == b""
+    alive = [w for w in workers if _alive(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert eof and not alive, f"workers {alive} outlived the SIGKILLed metrics.py and hold its stdout"
+
+
+def stand_in_imagebind(monkeypatch, texts):
+    """A stand-in `imagebind` package (ImageBind's module layout) whose embeddings depend on the file or the text;
+    the captions it embeds are collected in `texts`."""
+    import types
+    M = types.SimpleNamespace(TEXT="text", VISION="vision", AUDIO="audio")
+
+    class Huge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return {k: v * self.scale for k, v in x.items()}
+    files = lambda names, device: torch.tensor([[1.0 + len(Path(n).stem), float(Path(n).suffix == ".wav")]  # noqa: E731
+                                                for n in names])
+    text = lambda caps, device: texts.extend(caps) or torch.tensor([[float(len(c)), 1.0] for c in caps])  # noqa: E731
+    data = types.SimpleNamespace(load_and_transform_text=text, load_and_transform_video_data=files,
+                                 load_and_transform_audio_data=files)
+    model_mod = types.SimpleNamespace(imagebind_huge=lambda pretrained: Huge(), ModalityType=M)
+    pkg = types.SimpleNamespace(data=data, models=types.SimpleNamespace(imagebind_model=model_mod))
+    monkeypatch.setitem(sys.modules, "imagebind", pkg)
+    monkeypatch.setitem(sys.modules, "imagebind.models", pkg.models)
+    monkeypatch.setitem(sys.modules, "imagebind.models.imagebind_model", model_mod)
+
+
+def stand_in_vggish(monkeypatch):
+    """A stand-in `torchvggish` with its interface: VGG(make_layers(), postprocess) whose .embeddings ends in a ReLU,
+    and waveform_to_examples (here: the stand-in audio features)."""
+    import types
+
+    class VGG(torch.nn.Module):
+        def __init__(self, features, postprocess=True):
+            super().__init__()
+            self.embeddings = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.embeddings(x.float())
+    examples = lambda wave, sr, return_tensor: torch.tensor(stand_in_audio_features(wave, sr))  # noqa: E731
+    monkeypatch.setitem(sys.modules, "torchvggish", types.SimpleNamespace(VGG=VGG, make_layers=lambda: None,
+                                                                          waveform_to_examples=examples))
+    return VGG(None)
+
+
+def test_sample_from_captions_then_every_metric(tmp_path, monkeypatch, capsys):
+    """The whole evaluation chain on tiny stand-ins: sample.py from an official-format caption list (2 captions, tiny
+    models, 2 steps) -> metrics.py with the reference clips and NO --captions (they come from the manifest) -> every
+    requested metric is in the results; a metric that cannot be computed fails the run."""
+    import sample
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir()
+    captions = {"clip_a": "A person hits a box with a stick.", "clip_b": "A person taps a metal can."}
+    for k, stem in enumerate(captions):
+        write_clip(ref / f"{stem}.mp4", make_frames(seed=k), make_audio(HIT_TIMES, seed=k))
+    (tmp_path / "test.txt").write_text("".join(f'./ref/{s}.mp4,"{c}"\n' for s, c in captions.items()))
+    sample.main(["--size", "tiny", "--captions", str(tmp_path / "test.txt"), "--steps", "2", "--out", str(gen),
+                 "--device", "cpu"])
+    assert sorted(p.name for p in gen.glob("*.mp4")) == ["clip_a.mp4", "clip_b.mp4"]  # named by the reference clip
+
+    class TinyI3D(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+            return x.float().mean((3, 4)).flatten(1)  # (B, 3 * 16)
+    torch.jit.save(torch.jit.script(TinyI3D()), tmp_path / "i3d.pt")
+    torch.save(stand_in_vggish(monkeypatch).state_dict(), tmp_path / "vggish.pth")
+    torch.save({"scale": torch.ones(1)}, tmp_path / "ib.pth")
+    texts = []
+    stand_in_imagebind(monkeypatch, texts)
+    argv = ["--gen", str(gen), "--ref", str(ref), "--workers", "1", "--i3d", str(tmp_path / "i3d.pt"), "--vggish",
+            str(tmp_path / "vggish.pth"), "--imagebind", str(tmp_path / "ib.pth"), "--out", str(tmp_path / "r.json")]
+    res = metrics.main(argv)  # the four default metrics
+    for key in ("av_align_iou/gen", "av_align_iou/ref", "fvd", "fad", "IB-TV", "IB-TA", "IB-AV"):
+        assert res.get(key) is not None and np.isfinite(res[key]), key
+    assert sorted(texts) == sorted(captions.values())  # one text embedding per clip, its caption from the manifest
+    assert json.loads((tmp_path / "r.json").read_text())["not_computed"] == {}
+    monkeypatch.delitem(sys.modules, "torchvggish")  # the real one, if installed, cannot read the stand-in's weights
+    with pytest.raises(SystemExit) as e:
+        metrics.main(argv + ["--metrics", "av_align,fad"])
+    assert e.value.code == 1 and "fad" in json.loads((tmp_path / "r.json").read_text())["not_computed"]

@@ -122,10 +122,10 @@ def test_sigterm_and_ctrl_c_checkpoint_then_resume_is_exact(tmp_path, monkeypatc
     for sig in (signal.SIGTERM, signal.SIGINT):
         out = tmp_path / sig.name
 
-        def signal_in_step_3(model, bases, batch, args, step, offset=0, joint=True):
+        def signal_in_step_3(*a, step, **kw):
             if step == 2:
                 os.kill(os.getpid(), sig)  # a real signal, through train.py's handler
-            return real(model, bases, batch, args, step, offset, joint)
+            return real(*a, step=step, **kw)
         monkeypatch.setattr(train, "joint_loss", signal_in_step_3)
         with pytest.raises(SystemExit) as e:
             train.main(COMMON + ["--out", str(out)])
@@ -168,46 +168,126 @@ def test_run_config_stores_the_shipped_bases_relative_to_the_repository(tmp_path
     train.main(COMMON + ["--out", str(out), "--max-steps", "2"])
     cfg = out / "joint" / "config.json"
     assert json.loads(cfg.read_text())["tiny_bases"] == os.path.join("weights", "tiny_bases.safetensors")
-    old = json.loads(cfg.read_text())
-    cfg.write_text(json.dumps(dict(old, tiny_bases=cli.TINY_BASES)))  # as runs before this change stored it
+    resave(out, lambda parts: parts["config"].update(tiny_bases=cli.TINY_BASES))  # as runs before this change
     train.main(COMMON + ["--out", str(out), "--resume", "--max-steps", "2"])  # same file: not a changed argument
-    cfg.write_text(json.dumps(dict(old, tiny_bases=outside)))
+    resave(out, lambda parts: parts["config"].update(tiny_bases=outside))
     with pytest.raises(checkpoint.CheckpointError, match="--tiny-bases"):
         checkpoint.check_resume(str(out), vars(train.parse_args(COMMON + ["--out", str(out)])), True, False)
 
 
 def test_weights_load_strictly_both_ways(tmp_path):
-    from model import build_model
-    model, _ = build_model("tiny")
-    names = model.stage_parameters("joint")
+    joint_model, _ = model.build_model("tiny")
+    names = joint_model.stage_parameters("joint")
     good = {n: p.detach() for n, p in names.items()}
     for bad, why in (({}, "tensors missing"), ({**good, "extra.weight": torch.zeros(1)}, "1 unexpected"),
                      ({**good, "blocks_v.0.proj_out.weight": torch.zeros(3)}, "blocks_v.0.proj_out.weight has shape")):
         save_file(bad, tmp_path / "ema.safetensors")
         with pytest.raises(checkpoint.CheckpointError, match=why) as e:
-            checkpoint.load_weights(model, tmp_path, names)
+            checkpoint.load_weights(joint_model, tmp_path, names)
         assert str(tmp_path / "ema.safetensors") in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "ema.safetensors").write_bytes(b"\0" * 100)  # damaged
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
-        checkpoint.load_weights(model, tmp_path, names)
+        checkpoint.load_weights(joint_model, tmp_path, names)
 
 
 @pytest.mark.parametrize("argv, why", [
     (["--ema-decay", "nan"], "--ema-decay: nan is outside"), (["--ema-decay", "1"], "--ema-decay: 1 is outside"),
     (["--lr", "nan"], "--lr: nan"), (["--lr", "0"], "--lr: 0 is outside"), (["--batch-size", "0"], "--batch-size"),
     (["--ckpt-every", "0"], "--ckpt-every"), (["--fps", "0"], "--fps"), (["--p-uncond", "1.5"], "--p-uncond"),
-    (["--max-steps", "0", "--base-steps", "0"], "nothing to train"), (["--grad-accum", "0"], "--grad-accum"),
+    (["--max-steps", "0", "--base-steps", "0"], "nothing to train"), (["--micro-batch", "0"], "--micro-batch"),
+    (["--batch-size", "4", "--micro-batch", "3"], "--micro-batch 3 does not divide"),
+    (["--seed", str(2 ** 63)], "--seed"), (["--fps", "1"], "--fps: 1 is outside"), (["--fps", "9"], "--fps"),
+    (["--device", "meta"], "--device meta: use cpu, cuda"), (["--device", "cuda:99"], "CUDA devices here"),
+    (["--num-workers", "65"], "--num-workers"), (["--size", "pretrained"], "add --size tiny"),
     (["--data", "greatesthits", "--size", "tiny", "--root", "/nonexistent"], "--root"),
     (["--data", "greatesthits", "--size", "tiny", "--root", ".", "--flist", "/nonexistent"], "--flist"),
     (["--cache", "/nonexistent"], "--cache"), (["--size", "pretrained"], "hf download cvssp/audioldm-m-full"),
     (["--data", "greatesthits", "--size", "pretrained", "--root", "/nonexistent"], "--root"),  # before the weights
     (["--out", "/proc/nope"], "--out: cannot write")])
 def test_bad_input_one_line_exit_2_before_any_model(argv, why, monkeypatch, capsys):
-    import model
-    monkeypatch.setattr(model, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as e:
         train.main(["--data", "synthetic", "--size", "tiny", "--num-clips", "2", "--batch-size", "1",
                     "--out", str(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "svg-bad-input")] + argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and why in err[0], err
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """--lr 1e30: step 1 moves the weights to ~1e30 (finite), step 2's loss is nan: exit 3, the step-1 checkpoint
+    stays, nothing non-finite is saved (the EMA included)."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(COMMON + ["--out", str(out), "--lr", "1e30", "--ckpt-every", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 3 and err[-1].startswith("error: step 2: the loss is nan; the run diverged"), err
+    assert checkpoint.latest(str(out), "joint")[1] == 1
+    assert all(torch.isfinite(w).all() for w in weights(out).values())
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    train.main(COMMON + ["--out", str(out), "--max-steps", "1"])
+    return out
+
+
+def resave(out, edit):
+    """Rewrite a run's joint checkpoint through checkpoint.save after edit({model, ema, state, config}) changed its
+    parts: a consistent save (its files match their marker) of content that does not fit this train.py."""
+    folder = out / "joint"
+    parts = dict(model=load_file(folder / "model.safetensors"), ema=load_file(folder / "ema.safetensors"),
+                 state=torch.load(folder / "state.pt", weights_only=True),
+                 config=json.loads((folder / "config.json").read_text()))
+    edit(parts)
+    checkpoint.save(str(out), "joint", parts["model"], parts["ema"], parts["state"], parts["config"])
+
+
+def rename_a_tensor(parts):
+    first = sorted(parts["ema"])[0]
+    parts["ema"]["renamed." + first] = parts["ema"].pop(first)
+
+
+@pytest.mark.parametrize("name, edit, why", [
+    ("ema.safetensors", rename_a_tensor, "does not hold the"),
+    ("state.pt", lambda parts: parts["state"].pop("scaler"), "not the step, optimizer and loss-scaler state"),
+    ("state.pt", lambda parts: parts.update(state=[1, 2]), "not the step, optimizer"),
+    ("config.json", lambda parts: parts["config"].update(tiny_bases=7), '"tiny_bases" is 7, not str'),
+    ("config.json", lambda parts: parts["config"].update(fps="8"), '"fps" is \'8\', not int')])
+def test_resume_refuses_a_checkpoint_that_does_not_fit_with_one_line(one_step_run, tmp_path, capsys, name, edit, why):
+    """A checkpoint whose files are whole (checkpoint.py checks that) but whose content is not this run's: a renamed
+    EMA tensor, a state.pt without the loss scaler or not a dict, a config value of the wrong type."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    resave(out, edit)
+    with pytest.raises(SystemExit) as e:
+        train.main(COMMON + ["--out", str(out), "--max-steps", "1", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and why in err[0] and str(out / "joint" / name) in err[0], err
+
+
+def test_sigterm_or_ctrl_c_while_the_model_is_built_exit_at_once(tmp_path, monkeypatch, capsys):
+    """Before the training loop a signal exits with 128 + signal and one line: no traceback, no checkpoint."""
+    out = tmp_path / "term"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *COMMON, "--out", str(out)], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in p.stdout:
+        if line.startswith("building the model"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM) outside the training loop"), err
+    assert not [n for n in os.listdir(out) if n.startswith("joint")]
+    real = train.build_model
+
+    def ctrl_c_while_building(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "build_model", ctrl_c_while_building)
+    with pytest.raises(SystemExit) as e:
+        train.main(COMMON + ["--out", str(tmp_path / "int")])
+    assert e.value.code == 130 and "interrupted (SIGINT)" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "int")) == [".lock"]

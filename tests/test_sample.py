@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -94,29 +95,31 @@ def test_cli_files_manifest_page_and_seeds(run, tmp_path):
     assert seeds[1.0] == seeds[1.5]  # the same noise at each gamma: the rows compare the knob
     assert all(r["checkpoint"] == os.path.abspath(run) and r["trained_steps"] == {"base": 2, "joint": 2} for r in rows)
     page = (tmp_path / "a" / "index.html").read_text()
-    srcs = re.findall(r'<video controls preload="auto" src="([^"]+)"', page)
-    assert sorted(srcs) == sorted(r["file"] for r in rows) and all((tmp_path / "a" / s).is_file() for s in srcs)
+    found = re.findall(r'<video controls preload="metadata" poster="([^"]+)" src="([^"]+)"', page)
+    assert sorted(s for _, s in found) == sorted(r["file"] for r in rows)
+    assert all((tmp_path / "a" / s).is_file() and (tmp_path / "a" / p).is_file() for p, s in found)
+    assert page.count("<tr>") == 1 + 2 and "T = 2 steps" in page  # a row per prompt and seed, a column per gamma
 
 
 def test_pipeline_equals_cli_and_honours_seconds(run, tmp_path):
     pipe = SoundingVideoPipeline.from_pretrained(str(run))
-    out = pipe("a red wooden box", num_inference_steps=2, gamma=1.5, generator=5)
-    assert out["frames"].shape == (1, 32, 64, 64, 3) and out["frames"].dtype == np.uint8
-    assert out["waveforms"].shape == (1, 64000) and out["waveforms"].dtype == np.float32
+    out = pipe("a red wooden box", num_inference_steps=2, gamma=1.5, generator=5, output_type="uint8")
+    assert out.frames.shape == (1, 32, 64, 64, 3) and out.frames.dtype == np.uint8
+    assert out.audios.shape == (1, 64000) and out.audios.dtype == np.float32
     assert (out["fps"], out["sample_rate"]) == (8, 16000)
     sample.main(["--ckpt", str(run), "--prompt", "a red wooden box", "--steps", "2", "--seed", "5", "--out",
                  str(tmp_path / "cli")])
     wav, sr = sf.read(tmp_path / "cli" / "0000_a-red-wooden-box_g1.5.wav", dtype="float32")
-    assert sr == 16000 and np.array_equal(wav, out["waveforms"][0])  # the CLI is this pipeline
+    assert sr == 16000 and np.array_equal(wav, out.audios[0])  # the CLI is this pipeline
     short = pipe(["a", "b"], num_inference_steps=1, generator=1, seconds=2)  # both modalities follow `seconds`
-    assert short["frames"].shape[:2] == (2, 16) and short["waveforms"].shape == (2, 32000)
+    assert short.frames.shape[:2] == (2, 16) and short.audios.shape == (2, 32000)
 
 
 def test_run_config_is_honoured(run, tmp_path, monkeypatch, capsys):
     from support import checkpoint
     cfg = json.load(open(run / "joint" / "config.json"))
     other = copy_run(run, tmp_path / "other")  # the same run, as if trained on other (pretrained) base models
-    json.dump(dict(cfg, size="pretrained", video_base="someone/sd15-finetune"), open(other / "joint" / "config.json", "w"))
+    reseal(other, json.dumps(dict(cfg, size="pretrained", video_base="someone/sd15-finetune")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(other), "--prompt", "x", "--out", str(tmp_path / "o")])
@@ -128,13 +131,16 @@ def test_run_config_is_honoured(run, tmp_path, monkeypatch, capsys):
 
 
 def copy_run(run, dest):
-    """dest/joint/ with the run's joint checkpoint (linked), config.json copied so that a test may change it."""
-    (dest / "joint").mkdir(parents=True)
-    for f in os.listdir(run / "joint"):
-        if f != "config.json":
-            os.symlink(run / "joint" / f, dest / "joint" / f)
-    (dest / "joint" / "config.json").write_text((run / "joint" / "config.json").read_text())
+    """dest/joint/ with a copy of the run's joint checkpoint (checkpoints follow no symlinks), for a test to change."""
+    shutil.copytree(run / "joint", dest / "joint")
     return dest
+
+
+def reseal(run, config):
+    """Replace a run's joint config.json and seal the checkpoint again (else it counts as damaged)."""
+    from support import checkpoint
+    (run / "joint" / "config.json").write_text(config)
+    checkpoint.seal(str(run / "joint"), json.loads((run / "joint" / "COMPLETE").read_text())["step"])
 
 
 def test_outputs_never_mix_or_follow_links(run, tmp_path, capsys, monkeypatch):
@@ -150,7 +156,7 @@ def test_outputs_never_mix_or_follow_links(run, tmp_path, capsys, monkeypatch):
     os.symlink(victim, out / "0000_a-box_g1.5.wav")  # a planted link with the predictable name
     sample.main(argv + ["--seed", "1", "--overwrite"])  # ... unless asked: then only the new run's clips remain
     assert victim.read_text() == "precious" and not (out / "0000_a-box_g1.5.wav").is_symlink()
-    assert [json.loads(line)["seed"] for line in open(out / "manifest.jsonl")] == [1000003]
+    assert [json.loads(line)["seed"] for line in open(out / "manifest.jsonl")] == [1]
     monkeypatch.chdir(tmp_path)  # an --out starting with "-" never reaches ffmpeg as an option
     sample.main(["--ckpt", str(run), "--prompt", "a box", "--steps", "1", "--out=-dash"])
     assert (tmp_path / "-dash" / "0000_a-box_g1.5.mp4").stat().st_size > 1000
@@ -172,7 +178,112 @@ def test_bad_input_exits_2_with_one_line(argv, tmp_path):
 
 def test_damaged_run_config_exits_2(run, tmp_path, capsys):
     bad = copy_run(run, tmp_path / "bad")
-    (bad / "joint" / "config.json").write_text('{"step": 2}')  # parses, but is no train.py config
+    reseal(bad, '{"step": 2}')  # parses, but is no train.py config
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "lacks" in capsys.readouterr().err
+
+
+TINY = ["--size", "tiny", "--steps", "1", "--seconds", "0.5"]  # the shipped tiny bases: 4 frames, seconds per clip
+
+
+@pytest.fixture(scope="module")
+def grid_out(tmp_path_factory):
+    """2 prompts x 2 gammas that print alike, from the largest seed: the next clip's seed wraps to 0."""
+    out = tmp_path_factory.mktemp("grid") / "o"
+    out.mkdir()
+    (out.parent / "victim.txt").write_text("precious")
+    for name in ("index.html", "0000_a-box_g1.0000001.jpg"):  # planted links at names this run writes
+        os.symlink(out.parent / "victim.txt", out / name)
+    sample.main(TINY + ["--prompt", "a box", "--prompt", "a can", "--gamma", "1.0000001,1.0000002", "--seed",
+                        str(2 ** 63 - 1), "--out", str(out)])
+    return out
+
+
+def test_gammas_that_print_alike_keep_their_clips_and_seeds_up_to_2_63(grid_out, capsys):
+    rows = [json.loads(line) for line in open(grid_out / "manifest.jsonl")]
+    assert len({r["file"] for r in rows}) == 4 and all((grid_out / r["file"]).is_file() for r in rows)
+    assert [r["seed"] for r in rows] == [2 ** 63 - 1, 0] * 2 and {r["gamma"] for r in rows} == {1.0000001, 1.0000002}
+    assert all((grid_out / r["poster"]).stat().st_size > 100 for r in rows)
+    assert (grid_out.parent / "victim.txt").read_text() == "precious"  # replaced, never written through
+    assert not (grid_out / "index.html").is_symlink() and not (grid_out / rows[0]["poster"]).is_symlink()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Chromium not installed (apt-get install chromium)")
+def test_index_page_shows_posters_in_a_real_browser(grid_out, tmp_path):
+    shot = tmp_path / "shot.png"
+    r = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+                        "--window-size=800,600", f"--screenshot={shot}", (grid_out / "index.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-800:]
+    from PIL import Image
+    a = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert ((a.max(-1) - a.min(-1)) > 10).mean() > 0.1  # the posters render (text and empty players are grey)
+
+
+def test_seed_of_a_manifest_row_regenerates_its_clip(tmp_path):
+    sample.main(TINY + ["--prompt", "a box", "--prompt", "a can", "--prompt", "a bottle", "--seed", "3", "--out",
+                        str(tmp_path / "all"), "--batch-size", "1"])
+    row = [json.loads(line) for line in open(tmp_path / "all" / "manifest.jsonl")][2]
+    sample.main(TINY + ["--prompt", row["prompt"], "--seed", str(row["seed"]), "--out", str(tmp_path / "one")])
+    alone = json.loads((tmp_path / "one" / "manifest.jsonl").read_text())
+    assert row["seed"] == 5 and alone["seed"] == 5
+    for f in ("wav", "file"):  # the same samples and frames: the same bytes
+        assert (tmp_path / "all" / row[f]).read_bytes() == (tmp_path / "one" / alone[f]).read_bytes()
+
+
+def test_captions_name_clips_by_their_reference_stem(tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_text('clips/hit-001.mp4,"A person hits a box, twice."\nhit-002.mp4,"a can"\n')
+    sample.main(TINY + ["--captions", str(caps), "--out", str(tmp_path / "o")])
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "manifest.jsonl")]
+    assert [(r["file"], r["stem"], r["prompt"], r["caption"]) for r in rows] == [
+        ("hit-001.mp4", "hit-001", "A person hits a box, twice.", "A person hits a box, twice."),
+        ("hit-002.mp4", "hit-002", "a can", "a can")]
+    from support.outputs import clip_names
+    assert clip_names(["a", "a"], ["hit-001", "hit-001"], [0, 1], "1.5", True, True) == ["hit-001_s0_g1.5",
+                                                                                       "hit-001_s1_g1.5"]
+
+
+def test_overwrite_deletes_only_this_programs_files(tmp_path, capsys):
+    out = tmp_path / "o[1]*"  # glob characters: the earlier-run check must still see the clips
+    argv = TINY + ["--prompt", "a box", "--out", str(out)]
+    sample.main(argv)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2 and "already holds clips" in capsys.readouterr().err
+    keep = {"notes.txt": "mine", "precious.mp4": "mine", "0001-not-ours.mp4": "mine"}
+    for name, text in keep.items():
+        (out / name).write_text(text)
+    (tmp_path / "victim.mp4").write_text("outside")
+    crafted = [{"file": "notes.txt"}, {"file": "../victim.mp4"}, {"file": "precious.mp4"}, {"file": ".lock"},
+               {"file": "/etc/hostname.mp4"}]
+    with open(out / "manifest.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in crafted)
+    killed = [".tmp-k1ll3d.mp4", ".tmp-x.wav", "0003_a-box_g2.mp4", "0003_a-box_g2.jpg"]  # a killed run's leftovers
+    for name in killed:
+        (out / name).write_text("half")
+    for name in ("manifest.jsonl.tmp", ".index.tmp"):  # planted links at the names the old code used
+        os.symlink(tmp_path / "victim.mp4", out / name)
+    sample.main(argv + ["--overwrite", "--seed", "1"])
+    assert all((out / n).read_text() == t for n, t in keep.items())
+    assert (tmp_path / "victim.mp4").read_text() == "outside"
+    assert not any((out / n).exists() for n in killed)
+    assert [json.loads(line)["seed"] for line in open(out / "manifest.jsonl")] == [1]
+    (out / "manifest.jsonl").write_text("{not json\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "line 1 is not JSON" in err[0]
+    assert (out / "0000_a-box_g1.5.mp4").is_file()  # nothing deleted
+    from support import checkpoint
+    held = checkpoint.lock(str(out))  # another sample.py writing there
+    try:
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv + ["--overwrite"])
+        assert e.value.code == 2 and "in use by another process" in capsys.readouterr().err
+    finally:
+        held.close()

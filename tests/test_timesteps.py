@@ -107,14 +107,15 @@ def test_v_prediction_matches_diffusers(name):
     table = alpha_bar_table(s.alphas_cumprod)
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
-    t = torch.tensor([1, 500, 1000])
-    assert torch.allclose(target(x0, eps, table[t], "v_prediction"), s.get_velocity(x0, eps, t - 1), atol=1e-5)
-    assert target(x0, eps, table[t], "epsilon") is eps and to_eps(x0, eps, 0.3, "epsilon") is x0
-    x_t = add_noise(x0, eps, table[t])
-    assert torch.allclose(to_eps(target(x0, eps, table[t], "v_prediction"), x_t, table[t], "v_prediction"), eps, atol=1e-5)
+    m = torch.tensor([1, 500, 1000])  # local timesteps, one per sample
+    assert torch.allclose(target(x0, eps, table[m], "v_prediction"), s.get_velocity(x0, eps, m - 1), atol=1e-5)
+    assert target(x0, eps, table[m], "epsilon") is eps and to_eps(x0, eps, 0.3, "epsilon") is x0
+    x_t = add_noise(x0, eps, table[m])
+    v = target(x0, eps, table[m], "v_prediction")
+    assert torch.allclose(to_eps(v, x_t, table[m], "v_prediction"), eps, atol=1e-5)
     x = torch.randn(2, 4, 3, 5, generator=g)
-    for k in range(25, 0, -1):
-        m, m_prev = 40 * k, 40 * (k - 1)
+    for t in range(25, 0, -1):  # gamma = 1: m(t) = 40 t
+        m, m_prev = 40 * t, 40 * (t - 1)
         v = torch.randn(x.shape, generator=g)
         ref = s.step(v, m - 1, x)
         x, x0_hat = ddim_step(x, to_eps(v, x, table[m], "v_prediction"), table[m], table[m_prev])
