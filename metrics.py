@@ -5,18 +5,30 @@ are arguments, so tests plug in tiny stand-ins. A clip that does not decode whol
 listed as failed, never scored from what decodes. Leaves out: JPEG frame dumps before FVD, and the official extras
 that the paper does not report (PANNs FD, KL, CLAP, CAVP).
 """
-import ctypes, functools, json, multiprocessing, os, random, signal, sys, threading, time, warnings  # noqa: E401
+import ctypes
+import functools
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
 import concurrent.futures as cf
 from pathlib import Path
 
-import cv2, scipy.linalg  # noqa: E401
+import cv2
 import numpy as np
+import scipy.linalg
+import torch
 from tqdm import tqdm
 
 from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video  # noqa: F401 (re-exported)
 from data import read_captions
 from support import cli
-from support.media import atomic_write
+from support.files import DiskFull, write_text
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's fvd2048_16f detector
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"  # audioldm_eval
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # the official ImageBind script
@@ -70,7 +82,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
 
 def _weights(path, url, name, flag):  # the given file, else torch's hub cache, else a download, else one clear line
-    import torch
     if not (cached := Path(path or Path(torch.hub.get_dir()) / "checkpoints" / name)).is_file():
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +92,6 @@ def _weights(path, url, name, flag):  # the given file, else torch's hub cache, 
 
 def load_i3d(path=None, device="cpu"):
     """StyleGAN-V's I3D TorchScript: uint8 clips (B, 3, T, H, W) -> (B, 400) pre-softmax features, called like it."""
-    import torch
     with warnings.catch_warnings():  # StyleGAN-V ships TorchScript, which torch now calls deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         model = torch.jit.load(str(_weights(path, I3D_URL, "i3d_torchscript.pt", "--i3d")), map_location=device)
@@ -120,7 +130,6 @@ def fvd(gen_paths, ref_paths, extract, **kw):
 def load_vggish(path=None, device="cpu"):
     """audioldm_eval's VGGish (torchvggish, no PCA, no last ReLU): (wave, sr) -> (n, 128), one row per 0.96 s."""
     try:
-        import torch
         import torchvggish
     except ImportError:
         raise MetricError("FAD needs the VGGish code: pip install torchvggish") from None
@@ -148,7 +157,6 @@ def imagebind_scores(rows, path=None, device="cpu"):
     """IB-TV, IB-TA, IB-AV (Sec. 4.2.1): cosine similarities of ImageBind-huge embeddings per clip, averaged as the
     official script does (rows without a caption: IB-AV only). ImageBind is CC BY-NC 4.0 (non-commercial use only)."""
     try:
-        import torch
         from imagebind import data as ib
         from imagebind.models import imagebind_model
     except ImportError:
@@ -223,7 +231,10 @@ def main(argv=None):
     def save():  # after each metric, atomically (a temporary file renamed into place): a crash keeps what is done
         text = json.dumps(dict(results=res, per_clip=per_clip, failed_files=failed, not_computed=skipped,
                                args=vars(args)), indent=1)
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+        try:
+            write_text(args.out, text)
+        except DiskFull as e:
+            cli.fail(str(e))
     try:
         save()  # first: an unwritable --out fails now, not after the work
     except OSError as e:

@@ -8,7 +8,6 @@ The CLI writes <name>.mp4 (H.264 + AAC), .wav and .jpg (poster) per clip, manife
 Left out: stochastic samplers (eta > 0) and other solvers (the paper: "any sampler" works). --grid official runs the
 released code's sampler instead (support/official_grid.py: its own grid per modality, 50 steps, final alpha_bar < 1).
 """
-import glob
 import json
 import math
 import os
@@ -18,59 +17,82 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import read_captions
-from support import checkpoint, cli, official_grid, outputs
-from support.loading import load, read_run_config
+from support import cli, official_grid, outputs, sample_cli
+from support.loading import load
+from support.files import DiskFull
 from support.media import save_clips
-from support.released_folder import is_pipe
 from support.seeds import MAX_SEED, clip_seeds
 from timesteps import alpha_bar_table, ddim_step, local_timesteps, to_eps
+
+
+def paper_schedule(bases, T, gamma):
+    """Alg. 1's grid: for t = T, ..., 1 the step from (m(t), n(t)) to (m(t-1), n(t-1)). -> [(m - 1, n - 1,
+    alpha_bar_m(t), alpha_bar_m(t-1), alpha_bar_n(t), alpha_bar_n(t-1))]: the U-Nets' diffusers indices (timesteps.py)
+    and the noise levels each DDIM step moves between; the last step reaches m(0) = n(0) = 0, alpha_bar = 1."""
+    ab_v = alpha_bar_table(bases.alphas_cumprod_v)
+    ab_a = alpha_bar_table(bases.alphas_cumprod_a)
+    T_v, T_a = len(ab_v) - 1, len(ab_a) - 1  # the base models' 1000 timesteps
+    steps = []
+    for t in range(T, 0, -1):  # Alg. 1
+        m, n = local_timesteps(t, T, T_v, T_a, gamma)  # Eq. (8)
+        m_prev, n_prev = local_timesteps(t - 1, T, T_v, T_a, gamma)  # Eq. (8)
+        steps.append((m - 1, n - 1, ab_v[m], ab_v[m_prev], ab_a[n], ab_a[n_prev]))
+    return steps
+
+
+def initial_noise(model, bases, seeds, seconds):
+    """x_{m(T)}, x_{n(T)}: each clip's noise from its own seed, so a clip does not depend on its batch."""
+    F, h = round(seconds * bases.fps), bases.latent_size  # frames of a 4-s clip (Sec. 4.1.2); latent H = W
+    multiple = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training
+    rows = math.ceil(bases.audio_rows(seconds) / multiple) * multiple  # 100 latent rows (4 mel frames each) for 4 s
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x_v = torch.stack([torch.randn(4, F, h, h, generator=g) for g in gens])  # (B, 4, F, h, w)
+    x_a = torch.stack([torch.randn(8, rows, 16, generator=g) for g in gens])  # (B, 8, rows, 16)
+    return x_v.to(bases.device), x_a.to(bases.device)
 
 
 @torch.no_grad()
 def generate(model, bases, prompts, seeds, T=None, gamma=1.5, guidance_v=7.5, guidance_a=2.5, negative="", bar=True,
              amp=None, seconds=4, grid="paper", latents=None, trace=None):
-    """Algorithm 1 from noise seeded by seeds[i] (batch-size independent) or latents=(x_v, x_a) as given. grid "paper":
-    as printed (T = 25, Eq. 8, last step to alpha_bar = 1); "official": the released sampler (support/official_grid.py,
-    T = 50). trace(i, tensors): after each step. -> final (x_v (B, 4, F, h, w), x_a (B, 8, rows, 16)) (rows: padded)"""
-    dev, B, P, official = bases.alphas_cumprod_v.device, len(prompts), bases.prediction_type, grid == "official"
-    if official:
-        text_v, text_a, null_v, null_a = official_grid.encode_prompts(bases, prompts, negative)
-        steps = official_grid.schedule(bases, T or 50, gamma)  # the official scripts' 50 steps
+    """Algorithm 1 for a batch of prompts, from noise seeded by seeds[i] or latents=(x_v, x_a) as given. grid "paper":
+    as printed (T = 25); "official": the released sampler (support/official_grid.py, T = 50). bar: True, False or a
+    tqdm to advance; trace(i, tensors): after each step. -> (x_v (B, 4, F, h, w), x_a (B, 8, rows, 16)): x_0."""
+    if grid not in ("paper", "official"):
+        raise ValueError(f"grid must be 'paper' or 'official', not {grid!r}")
+    B, pred = len(prompts), bases.prediction_type
+    if grid == "paper":
+        steps = paper_schedule(bases, T or 25, gamma)  # T = 25 (Sec. 4.1.2)
+        text_v, text_a = bases.encode_text(list(prompts))
+        null_v, null_a = bases.encode_text([negative] * B)
     else:
-        (text_v, text_a), (null_v, null_a) = bases.encode_text(list(prompts)), bases.encode_text([negative] * B)
-        ab_v, ab_a = alpha_bar_table(bases.alphas_cumprod_v), alpha_bar_table(bases.alphas_cumprod_a)
-        T, T_v, T_a = T or 25, len(ab_v) - 1, len(ab_a) - 1  # T = 25 (Sec. 4.1.2); the base models' 1000 steps
-        mn = [local_timesteps(t, T, T_v, T_a, gamma) for t in range(T, -1, -1)]  # Eq. (8): (m(t), n(t)), t = T..0
-        steps = [(m - 1, n - 1, ab_v[m], ab_v[m_], ab_a[n], ab_a[n_]) for (m, n), (m_, n_) in zip(mn, mn[1:])]
-    if latents is None:
-        F_, h = round(seconds * bases.fps), bases.latent_size  # 4-s clips (Sec. 4.1.2); latent H = W
-        k = model.audio_rows_multiple  # released model: padded to a multiple of 8 rows as in its training, noise in it
-        rows = math.ceil(bases.audio_rows(seconds) / k) * k  # 100 latent rows (4 mel frames of 10 ms each) for 4 s
-        noise = [torch.Generator().manual_seed(s) for s in seeds]
-        latents = (torch.stack([torch.randn(4, F_, h, h, generator=g) for g in noise]).to(dev),  # (B, 4, F, h, w)
-                   torch.stack([torch.randn(8, rows, 16, generator=g) for g in noise]).to(dev))  # (B, 8, rows, 16)
-    (x_v, x_a), x0_v, x0_a = latents, None, None  # x_{m(T)}, x_{n(T)}; self-conditioning input: zeros at first
-    guidance_v, guidance_a = official_grid.guidance(guidance_v, guidance_a) if official else (guidance_v, guidance_a)
+        steps = official_grid.schedule(bases, T or 50, gamma)  # the official scripts' 50 steps
+        text_v, text_a, null_v, null_a = official_grid.encode_prompts(bases, prompts, negative)
+        guidance_v, guidance_a = official_grid.guidance(guidance_v, guidance_a)
+    x_v, x_a = latents if latents is not None else initial_noise(model, bases, seeds, seconds)
+    x0_v = x0_a = None  # self-conditioning input: zeros at the first step
     two = lambda x: torch.cat([x, x])  # [uncond; cond] in one batch
-    text_v, text_a = torch.cat([null_v, text_v]), torch.cat([null_a, text_a])
-    for i, (tv, ta, a_v, a_v_prev, a_a, a_a_prev) in enumerate(
-            tqdm(steps, desc="Alg. 1", disable=not bar) if isinstance(bar, bool) else steps):  # Alg. 1
-        tv, ta = torch.full((B,), tv, device=dev), torch.full((B,), ta, device=dev)  # diffusers indices
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            ctx = model.contexts(x_v, x_a, tv, ta, x0_v, x0_a)  # no text in the connectors: once for both halves
-            e_v, e_a = model(two(x_v), two(x_a), two(tv), two(ta), text_v, text_a, context=tuple(map(two, ctx)))
-        (u_v, c_v), (u_a, c_a) = e_v.to(x_v.dtype).chunk(2), e_a.to(x_a.dtype).chunk(2)  # fp32 under autocast
-        eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, a_v, P["v"])  # classifier-free guidance
-        eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, a_a, P["a"])  # (on v for the tiny U-Nets: linear)
-        x_v, x0_v = ddim_step(x_v, eps_v, a_v, a_v_prev)  # Eq. (5): x_{m(t-1)}
-        x_a, x0_a = ddim_step(x_a, eps_a, a_a, a_a_prev)  # Eq. (5): x_{n(t-1)}
+    text_v = torch.cat([null_v, text_v])  # (2B, 77, D)
+    text_a = torch.cat([null_a, text_a])  # (2B, D_clap)
+    progress = tqdm(total=len(steps) * B, desc="Alg. 1", disable=not bar) if isinstance(bar, bool) else bar
+    for i, (m, n, a_m, a_m_prev, a_n, a_n_prev) in enumerate(steps):  # Alg. 1: t = T, ..., 1
+        t_v = torch.full((B,), m, device=x_v.device)  # the U-Nets' diffusers indices of m(t), n(t)
+        t_a = torch.full((B,), n, device=x_a.device)
+        with torch.autocast(x_v.device.type, dtype=amp, enabled=amp is not None):
+            ctx = model.contexts(x_v, x_a, t_v, t_a, x0_v, x0_a)  # no text in the connectors: once for both halves
+            e_v, e_a = model(two(x_v), two(x_a), two(t_v), two(t_a), text_v, text_a, context=tuple(map(two, ctx)))
+        u_v, c_v = e_v.to(x_v.dtype).chunk(2)  # fp32 again after autocast
+        u_a, c_a = e_a.to(x_a.dtype).chunk(2)
+        eps_v = to_eps(u_v + guidance_v * (c_v - u_v), x_v, a_m, pred["v"])  # classifier-free guidance
+        eps_a = to_eps(u_a + guidance_a * (c_a - u_a), x_a, a_n, pred["a"])  # (on v for the tiny U-Nets: linear)
+        x_v, x0_v = ddim_step(x_v, eps_v, a_m, a_m_prev)  # Eq. (5): x_{m(t-1)}; x0_hat of Eq. (6)
+        x_a, x0_a = ddim_step(x_a, eps_a, a_n, a_n_prev)  # Eq. (5): x_{n(t-1)}
         if trace:
-            trace(i, dict(t_v=tv, t_a=ta, out_v=e_v, out_a=e_a, eps_v=eps_v, eps_a=eps_a, x0_v=x0_v, x0_a=x0_a,
+            trace(i, dict(t_v=t_v, t_a=t_a, out_v=e_v, out_a=e_a, eps_v=eps_v, eps_a=eps_a, x0_v=x0_v, x0_a=x0_a,
                           x_v=x_v, x_a=x_a))
-        if not isinstance(bar, bool):
-            bar.update(B)
-    return x_v, x_a  # x_0^(v), x_0^(a) (official: at alphas_cumprod[0])
+        progress.update(B)
+    if isinstance(bar, bool):
+        progress.close()
+    return x_v, x_a  # x_0^(v), x_0^(a) (official grid: at alphas_cumprod[0])
 
 
 def generate_clips(model, bases, prompt, negative="", T=None, gamma=1.5, guidance_v=7.5, guidance_a=2.5,
@@ -130,36 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the clips of an earlier run in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="bf16 on CUDA, fp32 on CPU")
-    args = p.parse_args(argv)
-    args.gamma, args.stems = list(dict.fromkeys(args.gamma)), [None] * len(args.prompt)  # a gamma twice: once
-    args.steps, args.negative_prompt = official_grid.defaults(args.grid, args.steps, args.negative_prompt)
-    try:
-        captions = read_captions(args.captions, clips=False) if args.captions else []
-    except ValueError as e:
-        cli.fail(str(e))
-    args.prompt, args.stems = args.prompt + [c for _, c in captions], args.stems + [s for s, _ in captions]
-    if not args.prompt:
-        cli.fail("give --prompt TEXT (repeatable) or --captions FILE")
-    if dup := next((s for s in args.stems if s is not None and args.stems.count(s) > 1), None):
-        cli.fail(f"--captions lists the clip {dup} twice; the clips are named by it: list each clip once")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        cli.fail(f"--device {args.device}: no CUDA device here (use --device cpu)")
-    if args.ckpt:
-        cli.run_folder(args.ckpt, "--ckpt")
-        try:
-            args.trained = {} if is_pipe(args.ckpt) else read_run_config(args.ckpt)
-        except checkpoint.CheckpointError as e:
-            cli.fail(str(e))
-    if args.seconds * (fps := args.trained.get("fps", 8) if args.ckpt else 8) < 1:  # one frame; 8 fps: Sec. 4.1.2
-        cli.fail(f"--seconds {args.seconds} is shorter than one video frame; give at least {1 / fps:g} s ({fps} fps)")
-    bases = args.trained if args.ckpt else dict(cli.BASES, size=args.size)
-    runs = sorted(os.path.dirname(os.path.dirname(p)) for p in glob.glob("runs/*/joint/COMPLETE"))
-    args.hint = f"; a trained run is at {runs[0]}: --ckpt {runs[0]}" if runs and not args.ckpt else ""
-    if bases and bases["size"] == "pretrained":
-        cli.check_weights(bases["video_base"], bases["motion_adapter"], bases["audio_base"], args.hint)
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.lock, args.stale = outputs.claim(args.out, args.overwrite)  # the lock is held until the process ends
-    return args
+    return sample_cli.check(p.parse_args(argv))  # one line and exit 2 before any model, if wrong
 
 
 def main(argv=None):
@@ -178,20 +171,23 @@ def main(argv=None):
         os.remove(f)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     stems = [s for s in args.stems for _ in range(args.num_per_prompt)]
-    n, rows, start = len(args.gamma) * len(stems), [], time.time()
-    bar = tqdm(total=n * args.steps, desc=f"{n} clips x steps", unit="step")  # one bar over all clips x steps
+    num_clips, rows, start = len(args.gamma) * len(stems), [], time.time()
+    bar = tqdm(total=num_clips * args.steps, desc=f"{num_clips} clips x steps", unit="step")  # all clips x steps
     for gamma, tag in zip(args.gamma, outputs.gamma_tags(args.gamma)):
         res = generate_clips(model, bases, args.prompt, args.negative_prompt, args.steps, gamma, args.guidance_video,
                              args.guidance_audio, args.seed, args.num_per_prompt, args.seconds, args.batch_size, amp,
                              bar, args.grid)
         names = outputs.clip_names(res["prompts"], stems, res["seeds"], tag, len(args.gamma) > 1,
                                    args.num_per_prompt > 1)
-        save_clips(args.out, res, names)
-        outputs.write_posters(args.out, names, res["frames"])
-        rows += outputs.rows(names, res, stems, gamma, args, source)
-        outputs.write_manifest(args.out, rows)  # after every gamma: what is on disk is always listed
-        outputs.write_index(args.out, rows)
-    bar.set_postfix_str(f"{(time.time() - start) / n:.2f} s/clip")
+        try:
+            save_clips(args.out, res, names)
+            outputs.write_posters(args.out, names, res["frames"])
+            rows += outputs.rows(names, res, stems, gamma, args, source)
+            outputs.write_manifest(args.out, rows)  # after every gamma: what is on disk is always listed
+            outputs.write_index(args.out, rows)
+        except DiskFull as e:  # one line; the clips of earlier gammas stay listed
+            cli.fail(str(e))
+    bar.set_postfix_str(f"{(time.time() - start) / num_clips:.2f} s/clip")
     bar.close()
     print(f"wrote {len(rows)} clips (.mp4 with sound, .wav, .jpg), manifest.jsonl and index.html to {args.out}/")
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data import build_dataset
 from model import build_model, cast_frozen
-from support import checkpoint, cli, training
+from support import checkpoint, cli, seeds, training
 from support.cache import CachedClips
 from timesteps import add_noise, alpha_bar_table, predict_x0, target, to_eps
 
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-changed-args", action="store_true", help="let --resume change trajectory arguments")
     p.add_argument("--num-clips", type=pos, default=None, help="synthetic: training clips (default 2048)")
     p.add_argument("--num-workers", type=cli.number(int, 0, 64), default=None, help="data loaders; default 4, tiny 0")
-    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 63 - 1), default=0, help="weights, data order and noise")
+    p.add_argument("--seed", type=cli.number(int, 0, seeds.MAX_SEED), default=0, help="weights, data order and noise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:<n>")
     args = p.parse_args(argv)
     tiny = args.size == "tiny"  # the offline demo: small enough to learn on 2 CPU cores in minutes
@@ -240,9 +240,9 @@ def main(argv=None):
         try:
             if args.rank == 0:
                 cli.writable_dir(args.out, "--out")
-                if args.resume:
-                    training.check_stored_configs(args.out, vars(args))
                 held = checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args)
+                if args.resume:  # after open_run: a damaged newest save has fallen back to the previous one
+                    training.check_stored_configs(args.out, vars(args))
             run(args, signals)
         except checkpoint.CheckpointError as e:
             cli.fail(str(e))

@@ -144,9 +144,10 @@ def _inspect_unlisted(folder, step):
                     pass
             elif name == "state.pt":
                 with zipfile.ZipFile(path) as z:
-                    if z.testzip() is not None:
-                        raise ValueError(f"{z.testzip()} fails its checksum")
-            elif int(json.load(open(path))["step"]) != step:
+                    bad = z.testzip()  # reads every member against its CRC
+                if bad is not None:
+                    raise ValueError(f"{bad} fails its checksum")
+            elif int(json.loads(open(path, "rb").read())["step"]) != step:
                 raise ValueError(f"its step is not the marker's {step}")
         except FileNotFoundError:
             return "damaged", step, f"{path} is missing from the save of step {step}"

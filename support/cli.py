@@ -8,6 +8,8 @@ import sys
 import tempfile
 import urllib.parse
 
+from huggingface_hub import constants, try_to_load_from_cache
+
 
 # the frozen base models (App. A.2): SD-1.5 (runwayml/stable-diffusion-v1-5 left the hub in 2024; this is its mirror;
 # the official code uses the SD-1.5 fine-tune SG161222/Realistic_Vision_V5.1_noVAE), AnimateDiff's motion adapter and
@@ -28,7 +30,7 @@ class WeightsNotFound(RuntimeError):
 
 def add_base_args(p):
     for k, v in BASES.items():
-        p.add_argument("--" + k.replace("_", "-"), default=v, help=f"hub id or local folder (default {v})")
+        p.add_argument("--" + k.replace("_", "-"), default=v, help="hub id or local folder")
 
 
 def fail(message):
@@ -125,7 +127,6 @@ def writable_dir(path, what):
 
 def hub_reachable(timeout=3.0):
     """Whether the configured hub (HF_ENDPOINT, else huggingface.co) accepts a connection now."""
-    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     url = urllib.parse.urlsplit(constants.ENDPOINT)
@@ -140,7 +141,6 @@ def hub_reachable(timeout=3.0):
 def check_weights(video_base, motion_adapter, audio_base, hint=""):
     """Fail at once (not after the hub client's retries) when the pretrained base models are neither local folders,
     nor in the Hugging Face cache, nor downloadable now."""
-    from huggingface_hub import try_to_load_from_cache
     wanted = ((video_base, "unet/config.json"), (motion_adapter, "config.json"), (audio_base, "unet/config.json"))
     absent = [i for i, f in wanted if not os.path.isdir(i) and not isinstance(try_to_load_from_cache(i, f), str)]
     if absent and not hub_reachable():

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from support import checkpoint, cli
-from support.media import atomic_write
+from support.files import atomic_write, write_text
 
 MANIFEST, INDEX = "manifest.jsonl", "index.html"
 EXTS = (".mp4", ".wav", ".jpg")  # a clip, its sound, its poster frame
@@ -109,15 +109,8 @@ def write_posters(out, names, frames):
         atomic_write(os.path.join(out, name + ".jpg"), lambda tmp, im=image: im.save(tmp, format="JPEG", quality=90))
 
 
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def write_manifest(out, rows):
-    _write_text(os.path.join(out, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(os.path.join(out, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _cell(r):
@@ -150,6 +143,6 @@ def write_index(out, rows):
     style = ("body{font-family:sans-serif}td,th{padding:4px 8px;vertical-align:top;text-align:left}"
              "video{width:256px;background:#000}")
     columns = "".join(f"<th>gamma = {g}</th>" for g in gammas)
-    _write_text(os.path.join(out, INDEX), f'<!doctype html>\n<meta charset="utf-8">\n<title>sounding videos</title>\n'
+    write_text(os.path.join(out, INDEX), f'<!doctype html>\n<meta charset="utf-8">\n<title>sounding videos</title>\n'
                 f"<style>{style}</style>\n<h1>sounding videos</h1>\n<p>{head}</p>\n<table>\n"
                 f"<tr><th>prompt</th><th>seed</th>{columns}</tr>\n{body}</table>\n")

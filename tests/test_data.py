@@ -41,7 +41,8 @@ def clips(tmp_path_factory):
 
 # ---------------------------------------------------------------- features
 def test_log_mel_matches_librosa():
-    wave = data.normalize_wav(synthetic.synthetic_clip(1)["audio"] + 0.01 * np.random.default_rng(0).standard_normal(64000))
+    noise = 0.01 * np.random.default_rng(0).standard_normal(64000)
+    wave = data.normalize_wav(synthetic.synthetic_clip(1)["audio"] + noise)
     ours = data.log_mel(wave).numpy()
     pad = (1024 - 160) // 2  # AudioLDM / HiFi-GAN framing, computed here with librosa's own STFT and filterbank
     spec = np.abs(librosa.stft(np.pad(wave, pad, mode="reflect"), n_fft=1024, hop_length=160, win_length=1024,

@@ -91,7 +91,8 @@ def test_links_at_the_old_fixed_temporary_names_stay_untouched(tmp_path, victim)
 def test_a_lock_that_is_not_a_plain_file_is_one_line(tmp_path, victim, kind, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    {"link": lambda p: os.symlink(victim / "precious.txt", p), "folder": os.mkdir, "fifo": os.mkfifo}[kind](out / ".lock")
+    plant = {"link": lambda p: os.symlink(victim / "precious.txt", p), "folder": os.mkdir, "fifo": os.mkfifo}[kind]
+    plant(out / ".lock")
     with pytest.raises(checkpoint.CheckpointError, match=r"\.lock is (a symbolic link|a folder|not a plain file)"):
         checkpoint.lock(str(out))
     assert untouched(victim)
@@ -160,7 +161,8 @@ def test_a_full_disk_in_a_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["synthetic", "--out", str(tmp_path), "--num-clips", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(f"error: {tmp_path / 'synth_1000000.wav'}: not written, no space"), err
+    wav = tmp_path / "synth_1000000.wav"
+    assert e.value.code == 2 and err[-1].startswith(f"error: {wav}: not written, no space"), err
     assert os.listdir(tmp_path) == []
 
 
@@ -168,14 +170,14 @@ def test_a_full_disk_in_a_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 def test_ffmpeg_dies_with_the_process_that_started_it():
     """A real SIGKILL of a Python process running a long ffmpeg: the ffmpeg is gone within seconds (before: it ran on,
     e.g. filling the memory at --fps 1e9 after data.py was killed)."""
-    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); from support import media; "
-              "media._ffmpeg(['-re', '-f', 'lavfi', '-i', 'testsrc=size=16x16:rate=5', '-t', '600', '-f', 'null', '-'])")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from support import media; media._ffmpeg(['-re', '-f', "
+              "'lavfi', '-i', 'testsrc=size=16x16:rate=5', '-t', '600', '-f', 'null', '-'])")  # 600 s in real time
     parent = subprocess.Popen([sys.executable, "-c", script, str(ROOT)])
     child = None
     try:
         for _ in range(600):  # its import takes a few seconds on a busy machine
-            child = next((pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _ppid(pid) == parent.pid),
-                         None)
+            pids = map(int, filter(str.isdigit, os.listdir("/proc")))
+            child = next((pid for pid in pids if _ppid(pid) == parent.pid), None)
             if child or parent.poll() is not None:
                 break
             time.sleep(0.1)
