@@ -240,9 +240,9 @@ def main(argv=None):
         try:
             if args.rank == 0:
                 cli.writable_dir(args.out, "--out")
-                held = checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args)
-                if args.resume:  # after open_run: a damaged newest save has fallen back to the previous one
+                if args.resume:  # a foreign config is named before open_run compares it with these arguments
                     training.check_stored_configs(args.out, vars(args))
+                held = checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args)
             run(args, signals)
         except checkpoint.CheckpointError as e:
             cli.fail(str(e))

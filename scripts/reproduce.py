@@ -19,6 +19,7 @@ Tuning (budgets, lr) uses `--split val` (clips that are neither train nor test),
 """
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,9 @@ def train_runs(a, out, log):
                 continue
             run.mkdir(parents=True, exist_ok=True)
             if a.base_steps and not (run / "base").exists():
-                os.symlink(os.path.relpath(base / "base", run), run / "base")  # the SAME frozen base models
+                shutil.rmtree(run / "base.copy", ignore_errors=True)  # a copy cut short by a kill
+                shutil.copytree(base / "base", run / "base.copy")  # the SAME frozen base models (a link is refused)
+                os.replace(run / "base.copy", run / "base")
             t0 = time.time()
             train.main(common + ["--out", str(run), "--conditioner", cond, "--seed", str(seed), "--max-steps",
                                  str(a.joint_steps), "--resume", "--allow-changed-args"])  # shared base stage

@@ -218,7 +218,10 @@ def check_stored_configs(out, current):
     """Before --resume compares a run's stored config with the current arguments: each stored value must have the
     type its argument gives it (or be None where allowed); checkpoint.CheckpointError naming the file otherwise."""
     for stage in checkpoint.STAGES:
-        folder, _ = checkpoint.latest(out, stage)
+        try:
+            folder, _ = checkpoint.latest(out, stage)
+        except checkpoint.CheckpointError:  # a damaged save: open_run reports it or falls back to an earlier one
+            continue
         if folder is None:
             continue
         path = os.path.join(folder, "config.json")
