@@ -73,7 +73,8 @@ def generate(model, bases, prompts, seeds, T=None, gamma=1.5, guidance_v=7.5, gu
     two = lambda x: torch.cat([x, x])  # [uncond; cond] in one batch
     text_v = torch.cat([null_v, text_v])  # (2B, 77, D)
     text_a = torch.cat([null_a, text_a])  # (2B, D_clap)
-    progress = tqdm(total=len(steps) * B, desc="Alg. 1", disable=not bar) if isinstance(bar, bool) else bar
+    own_bar = bar is None or isinstance(bar, bool)
+    progress = tqdm(total=len(steps) * B, desc="Alg. 1", disable=not bar) if own_bar else bar
     for i, (m, n, a_m, a_m_prev, a_n, a_n_prev) in enumerate(steps):  # Alg. 1: t = T, ..., 1
         t_v = torch.full((B,), m, device=x_v.device)  # the U-Nets' diffusers indices of m(t), n(t)
         t_a = torch.full((B,), n, device=x_a.device)
@@ -90,7 +91,7 @@ def generate(model, bases, prompts, seeds, T=None, gamma=1.5, guidance_v=7.5, gu
             trace(i, dict(t_v=t_v, t_a=t_a, out_v=e_v, out_a=e_a, eps_v=eps_v, eps_a=eps_a, x0_v=x0_v, x0_a=x0_a,
                           x_v=x_v, x_a=x_a))
         progress.update(B)
-    if isinstance(bar, bool):
+    if own_bar:
         progress.close()
     return x_v, x_a  # x_0^(v), x_0^(a) (official grid: at alphas_cumprod[0])
 

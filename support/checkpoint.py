@@ -55,14 +55,6 @@ def resolve_stored(path):
     return path if path is None or os.path.isabs(path) else os.path.join(REPO, path)
 
 
-class Interrupted(Exception):
-    """Raised by on_signal, the SIGINT / SIGTERM handler train.py installs: its loop saves a checkpoint, then exits."""
-
-
-def on_signal(signum, frame):
-    raise Interrupted(signum)
-
-
 class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be used; str(e) is one line that the CLIs print (exit code 2)."""
 

@@ -11,7 +11,6 @@ import scipy.io.wavfile
 import soundfile as sf
 
 from support import files
-from support.files import atomic_write  # noqa: F401 (the writers' helper, also used from here by metrics.py)
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SR = 16000  # AudioLDM's sampling rate
@@ -25,7 +24,7 @@ def _ffmpeg(args, stdin=None):
 def write_wav(path, audio, sr=SR):
     """float32 wav, as the official scripts write it (scipy: unlike libsndfile, no time-stamped PEAK chunk, so the
     same audio gives the same bytes)."""
-    atomic_write(path, lambda tmp: scipy.io.wavfile.write(tmp, sr, np.asarray(audio, np.float32)))
+    files.atomic_write(path, lambda tmp: scipy.io.wavfile.write(tmp, sr, np.asarray(audio, np.float32)))
 
 
 def write_mp4(path, frames, fps, audio, sr=SR):
@@ -47,7 +46,7 @@ def write_mp4(path, frames, fps, audio, sr=SR):
             raise OSError(errno.ENOSPC, err.strip()[-300:])
         if rc:
             raise RuntimeError(f"ffmpeg could not write {path}: {err.strip()[-300:]}")
-    atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 def save_clips(out, result, names=None):

@@ -234,10 +234,14 @@ def check_stored_configs(out, current):
                                                  "foreign run config")
 
 
+class Interrupted(Exception):
+    """SIGINT / SIGTERM inside a training loop: the loop saves its last completed step, then exits 128 + signal."""
+
+
 class Signals:
     """SIGINT / SIGTERM (Ctrl-C; what cluster schedulers send). Outside a training loop: exit at once with
     128 + signal (nothing is half-written there: checkpoints are written inside the loop only). Inside `loop()`:
-    checkpoint.Interrupted, so the loop saves its last COMPLETED step and exits 128 + signal; inside `atomic()`
+    Interrupted, so the loop saves its last COMPLETED step and exits 128 + signal; inside `atomic()`
     (optimizer step, step count, EMA, periodic save) the signal waits for the block's end, so a step is saved
     whole or not at all."""
 
@@ -257,7 +261,7 @@ class Signals:
         if self.in_atomic:
             self.pending = signum
         elif self.in_loop:
-            raise checkpoint.Interrupted(signum)
+            raise Interrupted(signum)
         else:
             print(f"interrupted ({signal.Signals(signum).name}) outside the training loop: no checkpoint was being "
                   "written; start again (with --resume if the run has checkpoints)", file=sys.stderr)
@@ -271,7 +275,7 @@ class Signals:
         finally:
             self.in_atomic = False
         if self.pending is not None:
-            raise checkpoint.Interrupted(self.pending)
+            raise Interrupted(self.pending)
 
     @contextlib.contextmanager
     def loop(self, save, where):
@@ -279,7 +283,7 @@ class Signals:
         self.in_loop, self.pending = True, None
         try:
             yield
-        except checkpoint.Interrupted as e:
+        except Interrupted as e:
             for s in self.saved:
                 signal.signal(s, signal.SIG_IGN)  # the save must finish now
             save()

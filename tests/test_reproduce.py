@@ -36,7 +36,8 @@ def test_quick_run_writes_every_row(quick):
     table = (out / "table_test_j2.md").read_text()
     assert "| CMC-PE, γ = 3 | 383 | 1.32 | 0.265 |" in table and "Cross-attention (CoDi), γ = 1 | 379" in table
     assert json.loads((out / "results_test_j2.json").read_text())["tests"].keys() == res["tests"].keys()
-    shared, copied = out / "runs" / "base-only" / "base", out / "runs" / "cmcpe-s1" / "base"  # every row: the SAME bases
+    shared = out / "runs" / "base-only" / "base"  # every row trains on the SAME base models
+    copied = out / "runs" / "cmcpe-s1" / "base"
     assert (copied / "ema.safetensors").read_bytes() == (shared / "ema.safetensors").read_bytes()
 
 
