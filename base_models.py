@@ -29,6 +29,7 @@ from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextC
 
 from data import HOP, SR
 from support.cli import BASES, WeightsNotFound, hub_reachable
+from support.retime import retime
 from support.tiny import GriffinLim, PoolVideoAE, byte_tokenizers, load_tiny_bases, tiny_parts
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -181,10 +182,12 @@ class BaseModels(nn.Module):
 
 
 def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=BASES["video_base"],
-                     motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"], tiny_bases=None):
+                     motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"], tiny_bases=None,
+                     snr_scale_v=1.0, snr_scale_a=1.0):
     """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring). tiny_bases: a
     safetensors file of trained tiny U-Nets ("video_unet.*", "audio_unet.*"; cli.TINY_BASES is the shipped one),
-    or None for random ones."""
+    or None for random ones. snr_scale_v / snr_scale_a != 1: that base model on another noise schedule, SNR times
+    s^2 at every timestep (support/retime.py; the controlled experiment of scripts/gamma_mismatch.py)."""
     device = torch.device(device)
     if size == "pretrained":
         parts = _pretrained(video_base, motion_adapter, audio_base)
@@ -198,7 +201,10 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=
             load_tiny_bases(parts, tiny_bases)
     else:
         raise ValueError(f"size must be 'tiny', 'full' or 'pretrained', not {size!r}")
-    return assemble(parts, size, device, dtype, fps, 64 if size == "tiny" else 256)  # paper: 256x256 frames
+    base = assemble(parts, size, device, dtype, fps, 64 if size == "tiny" else 256)  # paper: 256x256 frames
+    retime(base.video_unet, base.alphas_cumprod_v, snr_scale_v)
+    retime(base.audio_unet, base.alphas_cumprod_a, snr_scale_a)
+    return base
 
 
 def assemble(parts, size, device, dtype, fps, video_size, schedulers=None):

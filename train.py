@@ -272,7 +272,7 @@ def run(args, signals):
         print(json.dumps(vars(args), indent=1) + "\nbuilding the model", flush=True)
     torch.manual_seed(args.seed)
     try:
-        kw = {name: getattr(args, name) for name in ("time_align", "video_base", "motion_adapter", "audio_base")}
+        kw = {name: getattr(args, name) for name in cli.BUILD_ARGS}
         model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps,
                                    tiny_bases=checkpoint.resolve_stored(args.tiny_bases), **kw)
     except RuntimeError as e:  # e.g. weights not available offline: one line, no traceback

@@ -85,6 +85,15 @@ def curves(loss_v, loss_a, grid, gamma, T=1000, T_v=1000, T_a=1000, scan=(1 / 3,
     return c
 
 
+def predict_gamma(loss_v, loss_a, T=1000, T_v=1000, T_a=1000, lo=1 / 4, hi=4, points=241):
+    """The gamma of Eq. (8) that brings the two normalised loss curves of Fig. 2 closest (least mean |gap| over the
+    global t = 1..T), searched on a log-spaced grid of [lo, hi] (1.2 % apart by default; with lo = 1 / hi and an odd
+    number of points it holds gamma = 1 itself): the prediction, from the curves alone, before any sampling."""
+    grid = np.exp(np.linspace(np.log(lo), np.log(hi), points))
+    gaps = [gap(loss_v, loss_a, g, T, T_v, T_a) for g in grid]
+    return float(grid[int(np.argmin(gaps))])
+
+
 def timestep_grid(points, T=1000):
     """`points` global timesteps from 1 to T, spaced quadratically: dense near t = 0 (taken as 1), where the
     normalised losses fall fastest."""
@@ -146,7 +155,8 @@ def main(argv=None):
     try:
         shipped = a.tiny_bases if a.size == "tiny" and not a.ckpt and a.tiny_bases != "random" else None
         bases = load_base_models(a.size, device=a.device, dtype=dtype, fps=fps, video_base=a.video_base,
-                                 motion_adapter=a.motion_adapter, audio_base=a.audio_base, tiny_bases=shipped)
+                                 motion_adapter=a.motion_adapter, audio_base=a.audio_base, tiny_bases=shipped,
+                                 snr_scale_v=a.snr_scale_v, snr_scale_a=a.snr_scale_a)
         data = build_dataset(a.data, a.split, root=a.root, flist=a.flist, fps=fps, size=bases.video_size,
                              num_clips=a.num_clips)
     except (RuntimeError, ValueError) as e:  # weights offline, missing data: one line
@@ -178,11 +188,13 @@ def main(argv=None):
     loss_v, loss_a = base_losses(bases, x0_v, x0_a, torch.cat(text_v), torch.cat(text_a),
                                  [1] + grid + [m for m, _ in mn], [1] + grid + [n for _, n in mn], a.seed, a.batch_size)
     c = curves(loss_v, loss_a, grid, a.gamma, 1000, T_v, T_a)
-    title = (f"{a.size} base models ({a.ckpt or (shipped and 'shipped') or 'no checkpoint'}), {len(data)} {a.data} {a.split} clips; "
+    title = (f"{a.size} base models ({a.ckpt or (shipped and 'shipped') or 'no checkpoint'}), {len(data)} {a.data} "
+             f"{a.split} clips; "
              f"loss at t = 1: video {loss_v[1]:.4f}, audio {loss_a[1]:.4f}")
     plot(c, a.gamma, a.out, title, a.logx)
     result = dict(c, gamma=a.gamma, loss_v=loss_v, loss_a=loss_a, size=a.size, ckpt=a.ckpt, data=a.data,
-                  split=a.split, num_clips=len(data))
+                  split=a.split, num_clips=len(data), snr_scale_v=a.snr_scale_v, snr_scale_a=a.snr_scale_a,
+                  predicted_gamma=predict_gamma(loss_v, loss_a, 1000, T_v, T_a))
     Path(a.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out} and {Path(a.out).with_suffix('.json')}: mean |video - audio| of the normalised losses "
           f"{c['gap_a']:.3f} raw (a), {c['gap_b']:.3f} adjusted with gamma = {a.gamma:g} (b); closest at gamma = "

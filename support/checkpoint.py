@@ -36,7 +36,8 @@ STAGES = ("joint", "base")
 TRAJECTORY = ("data", "root", "flist", "cache", "num_clips", "size", "conditioner", "time_align", "video_base",
               "motion_adapter", "audio_base", "fps", "batch_size", "micro_batch", "world_size", "lr", "lr_schedule",
               "optimizer", "max_grad_norm", "p_self_cond", "p_uncond", "shared_t", "ema_decay", "precision", "seed",
-              "base_steps", "tiny_bases")
+              "base_steps", "tiny_bases", "snr_scale_v", "snr_scale_a")
+ADDED = dict(snr_scale_v=1.0, snr_scale_a=1.0)  # trajectory values newer than some runs: what those runs had
 SUFFIXES = ("", ".tmp", ".old")
 NEWEST_FIRST = (".tmp", "", ".old")  # a save renames in this order: <stage>.tmp is newer than <stage>, then .old
 _fsync = files.fsync
@@ -358,7 +359,7 @@ def check_resume(out, args, resume, allow_changed):
     if found and not allow_changed:
         old = json.load(open(os.path.join(found[0][1], "config.json")))
         keys = TRAJECTORY + (("max_steps", "epochs") if args["lr_schedule"] == "cosine" else ())  # lr(step) changes
-        same = lambda k: (old.get(k) == args.get(k) or k == "tiny_bases" and  # noqa: E731 (older runs: absolute)
+        same = lambda k: (old.get(k, ADDED.get(k)) == args.get(k) or k == "tiny_bases" and  # noqa: E731 (absolute)
                           resolve_stored(old.get(k)) == resolve_stored(args.get(k)))
         changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys if not same(k)]
         if changed:

@@ -22,6 +22,8 @@ BASES = dict(video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
 # AnimateDiff and AudioLDM, so that the demo trains what the paper trains
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # support/ lies in the repository root
 TINY_BASES = os.path.join(REPO, "weights", "tiny_bases.safetensors")
+# run-config values that model.build_model takes by name (train.py passes them, support/loading.py reads them back)
+BUILD_ARGS = ("time_align", *BASES, "snr_scale_v", "snr_scale_a")
 
 
 class WeightsNotFound(RuntimeError):
@@ -31,6 +33,10 @@ class WeightsNotFound(RuntimeError):
 def add_base_args(p):
     for k, v in BASES.items():
         p.add_argument("--" + k.replace("_", "-"), default=v, help="hub id or local folder")
+    for m, name in (("v", "video"), ("a", "audio")):  # 1: the base models as they are (the paper)
+        p.add_argument(f"--snr-scale-{m}", type=number(float, 0, lo_open=True), default=1.0,
+                       help=f"s: the {name} base model on another noise schedule, SNR x s^2 at every timestep "
+                       "(support/retime.py; scripts/gamma_mismatch.py)")
 
 
 def fail(message):

@@ -8,7 +8,7 @@ import torch
 
 from model import build_model, cast_frozen
 from support import checkpoint
-from support.cli import TINY_BASES
+from support.cli import BUILD_ARGS, TINY_BASES
 from support.released_folder import is_pipe, load_pipe
 
 
@@ -33,10 +33,9 @@ def load(path=None, device="cpu", dtype=torch.float32, ema=True, size="pretraine
 
 def load_run(path, device, ema):
     cfg = read_run_config(path)
+    kw = {k: cfg[k] for k in BUILD_ARGS if k in cfg}  # older runs lack some: build_model's defaults, as then
     model, bases = build_model(cfg["size"], cfg["conditioner"], device=device, fps=cfg["fps"],
-                               time_align=cfg.get("time_align", "seconds"), video_base=cfg["video_base"],
-                               motion_adapter=cfg["motion_adapter"], audio_base=cfg["audio_base"],
-                               tiny_bases=checkpoint.resolve_stored(cfg.get("tiny_bases")))
+                               tiny_bases=checkpoint.resolve_stored(cfg.get("tiny_bases")), **kw)
     steps = {}
     for stage in ("base", "joint") if cfg.get("base_steps", 0) > 0 else ("joint",):
         folder, steps[stage] = checkpoint.latest(path, stage)
