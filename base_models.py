@@ -186,8 +186,8 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=
                      snr_scale_v=1.0, snr_scale_a=1.0):
     """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring). tiny_bases: a
     safetensors file of trained tiny U-Nets ("video_unet.*", "audio_unet.*"; cli.TINY_BASES is the shipped one),
-    or None for random ones. snr_scale_v / snr_scale_a != 1: that base model on another noise schedule, SNR times
-    s^2 at every timestep (support/retime.py; the controlled experiment of scripts/gamma_mismatch.py)."""
+    or None for random ones. snr_scale_v / snr_scale_a != 1: that base model on another noise schedule, its SNR
+    times that factor at every timestep (support/retime.py; the controlled experiment of scripts/gamma_mismatch.py)."""
     device = torch.device(device)
     if size == "pretrained":
         parts = _pretrained(video_base, motion_adapter, audio_base)

@@ -122,7 +122,7 @@ def main(argv=None):
     p.add_argument("--root", default=None, help="folder of prepared clips (as train.py)")
     p.add_argument("--flist", default=None, help="official file list (as train.py)")
     p.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
-    cli.add_base_args(p)  # as train.py
+    cli.add_base_args(p, schedules=False)  # as train.py; what the encoders give does not depend on the schedules
     p.add_argument("--fps", type=cli.number(int, 1, 60), default=None,
                    help="8 GreatestHits (4.1.2), 4 Landscape/VGGSound")
     p.add_argument("--num-clips", type=cli.number(int, 1, MAX_CLIPS), default=None,

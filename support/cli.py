@@ -30,12 +30,13 @@ class WeightsNotFound(RuntimeError):
     """Pretrained weights are not available (offline); str(e) is one line that CLIs print as is."""
 
 
-def add_base_args(p):
+def add_base_args(p, schedules=True):
+    """The base models' weights; with schedules, also their noise schedules (what the VAEs' cache does not need)."""
     for k, v in BASES.items():
         p.add_argument("--" + k.replace("_", "-"), default=v, help="hub id or local folder")
-    for m, name in (("v", "video"), ("a", "audio")):  # 1: the base models as they are (the paper)
+    for m, name in (("v", "video"), ("a", "audio")) if schedules else ():  # 1: the base models as they are (the paper)
         p.add_argument(f"--snr-scale-{m}", type=number(float, 0, lo_open=True), default=1.0,
-                       help=f"s: the {name} base model on another noise schedule, SNR x s^2 at every timestep "
+                       help=f"s: the {name} base model on another noise schedule, SNR x s at every timestep "
                        "(support/retime.py; scripts/gamma_mismatch.py)")
 
 

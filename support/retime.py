@@ -2,11 +2,11 @@
 which tests the premise of Eq. (8) (Sec. 3.2.2) by making one modality clean at another pace on purpose.
 
 A diffusion model sees its noisy latent only through the signal-to-noise ratio SNR(k) = alpha_bar_k / (1 - alpha_bar_k)
-of its timestep (Kingma et al., 2021, "Variational Diffusion Models"), and scaling the latents by s multiplies the SNR
-by s^2. `retime(unet, alphas_cumprod, s)` turns a frozen U-Net into the model of the schedule whose log-SNR is shifted
-by 2 ln s at every timestep: alpha_bar'_k with log SNR'(k) = log SNR(k) + 2 ln s, and the U-Net called at the
+of its timestep (Kingma et al., 2021, "Variational Diffusion Models"), and scaling the latents by c multiplies the SNR
+by c^2. `retime(unet, alphas_cumprod, s)` turns a frozen U-Net into the model of the schedule whose SNR is s times
+its own at every timestep: alpha_bar'_k with log SNR'(k) = log SNR(k) + ln s, and the U-Net called at the
 (continuous) index tau(k) where its own schedule has that SNR. s > 1: cleaner at every timestep than before (its
-Fig. 2 curve falls earlier); s < 1: noisier. Where tau would leave the U-Net's trained range [0, T - 1] it is clamped,
+Fig. 2 curve falls earlier); s < 1: noisier. s = 16 is what latents scaled by 4 give. Where tau would leave the U-Net's trained range [0, T - 1] it is clamped,
 and alpha_bar' there is the clamped level's, so that schedule and network always agree.
 Not in the paper: an experimental control. A network really trained on the new schedule would differ by its training
 noise; this one differs only by the relabelled timestep.
@@ -28,7 +28,7 @@ def retimed_schedule(alphas_cumprod, s):
         raise ValueError(f"the SNR scale must be > 0, got {s}")
     own = log_snr(alphas_cumprod)  # decreasing in the index
     index = np.arange(len(own), dtype=np.float64)
-    tau = np.interp(-(own + 2 * np.log(s)), -own, index)  # np.interp wants increasing x: -log SNR; clamps at the ends
+    tau = np.interp(-(own + np.log(s)), -own, index)  # np.interp wants increasing x: -log SNR; clamps at the ends
     snr = np.interp(tau, index, own)  # the level the U-Net is really called at (differs only where clamped)
     return tau, 1 / (1 + np.exp(-snr))  # alpha_bar = sigmoid(log SNR)
 

@@ -15,7 +15,7 @@ from support import cli
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = ["sample.py", "train.py", "metrics.py", "data.py synthetic", "data.py prepare", "support/cache.py",
             "scripts/reproduce.py", "scripts/fig2.py", "scripts/benchmark.py", "scripts/check_synthetic.py",
-            "scripts/demo_figure.py", "scripts/flicker_probe.py"]
+            "scripts/demo_figure.py", "scripts/flicker_probe.py", "scripts/gamma_mismatch.py"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
