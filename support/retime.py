@@ -6,8 +6,9 @@ of its timestep (Kingma et al., 2021, "Variational Diffusion Models"), and scali
 by c^2. `retime(unet, alphas_cumprod, s)` turns a frozen U-Net into the model of the schedule whose SNR is s times
 its own at every timestep: alpha_bar'_k with log SNR'(k) = log SNR(k) + ln s, and the U-Net called at the
 (continuous) index tau(k) where its own schedule has that SNR. s > 1: cleaner at every timestep than before (its
-Fig. 2 curve falls earlier); s < 1: noisier. s = 16 is what latents scaled by 4 give. Where tau would leave the U-Net's trained range [0, T - 1] it is clamped,
-and alpha_bar' there is the clamped level's, so that schedule and network always agree.
+Fig. 2 curve falls earlier); s < 1: noisier. s = 16 is what latents scaled by 4 give. Where tau would leave the
+U-Net's trained range [0, T - 1] it is clamped, and alpha_bar' there is the clamped level's, so that schedule and
+network always agree.
 Not in the paper: an experimental control. A network really trained on the new schedule would differ by its training
 noise; this one differs only by the relabelled timestep.
 """
