@@ -359,9 +359,10 @@ def check_resume(out, args, resume, allow_changed):
     if found and not allow_changed:
         old = json.load(open(os.path.join(found[0][1], "config.json")))
         keys = TRAJECTORY + (("max_steps", "epochs") if args["lr_schedule"] == "cosine" else ())  # lr(step) changes
-        same = lambda k: (old.get(k, ADDED.get(k)) == args.get(k) or k == "tiny_bases" and  # noqa: E731 (absolute)
+        was = lambda k: old.get(k, ADDED.get(k))  # noqa: E731
+        same = lambda k: (was(k) == args.get(k) or k == "tiny_bases" and  # noqa: E731 (older runs: absolute)
                           resolve_stored(old.get(k)) == resolve_stored(args.get(k)))
-        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {args.get(k)!r}" for k in keys if not same(k)]
+        changed = [f"--{k.replace('_', '-')} {was(k)!r} -> {args.get(k)!r}" for k in keys if not same(k)]
         if changed:
             raise CheckpointError(f"--resume would change the run's trajectory: {'; '.join(changed)} "
                                   "(--allow-changed-args accepts that)")

@@ -9,8 +9,8 @@ its own at every timestep: alpha_bar'_k with log SNR'(k) = log SNR(k) + ln s, an
 Fig. 2 curve falls earlier); s < 1: noisier. s = 16 is what latents scaled by 4 give. Where tau would leave the
 U-Net's trained range [0, T - 1] it is clamped, and alpha_bar' there is the clamped level's, so that schedule and
 network always agree.
-Not in the paper: an experimental control. A network really trained on the new schedule would differ by its training
-noise; this one differs only by the relabelled timestep.
+Not in the paper: an experimental control. A network really trained on the new schedule would also differ by its
+training (its noise draws, and how often each noise level is drawn); this one differs only by the relabelled timestep.
 """
 import numpy as np
 import torch

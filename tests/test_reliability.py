@@ -173,8 +173,8 @@ def test_run_config_stores_the_shipped_bases_relative_to_the_repository(tmp_path
     resave(out, lambda parts: [parts["config"].pop(k) for k in ("snr_scale_v", "snr_scale_a")])  # runs before them
     train.main(COMMON + ["--out", str(out), "--resume", "--max-steps", "2"])  # absent = 1: not a changed argument
     with pytest.raises(checkpoint.CheckpointError, match="--snr-scale-a 1.0 -> 4.0"):
-        checkpoint.check_resume(str(out), vars(train.parse_args(COMMON + ["--out", str(out), "--snr-scale-a", "4"])),
-                                True, False)
+        argv = COMMON + ["--out", str(out), "--max-steps", "2", "--snr-scale-a", "4"]
+        checkpoint.check_resume(str(out), vars(train.parse_args(argv)), True, False)
     resave(out, lambda parts: parts["config"].update(tiny_bases=outside))
     with pytest.raises(checkpoint.CheckpointError, match="--tiny-bases"):
         checkpoint.check_resume(str(out), vars(train.parse_args(COMMON + ["--out", str(out)])), True, False)
