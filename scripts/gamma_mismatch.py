@@ -50,6 +50,7 @@ from support import cli  # noqa: E402
 from support.loading import load  # noqa: E402
 from support.media import write_mp4  # noqa: E402
 from support.synthetic import synthetic_clip  # noqa: E402
+from timesteps import local_timesteps  # noqa: E402
 
 PAIRS = {"matched": "", "audio-ahead": "a", "video-ahead": "v"}  # which base model runs ahead (v: video, a: audio)
 FULL = dict(joint_steps=200, batch_size=8, num_clips=2048, num_test=32, steps=25, fig2_clips=16, points=41)
@@ -92,7 +93,7 @@ def scale_args(a, pair):
 
 
 # ------------------------------------------------------------------------------------------------ 1. Fig. 2, predict
-def predict(a, out, bar):
+def predict(a, out, log, bar):
     """Fig. 2 of every pair and the gamma predicted from its curves; prediction.json is written once, first."""
     path = out / "prediction.json"
     if path.exists():
@@ -105,7 +106,7 @@ def predict(a, out, bar):
             t0 = time.time()
             fig2.main(scale_args(a, pair) + ["--num-clips", str(a.fig2_clips), "--points", str(a.points),
                                              "--out", str(png), "--device", a.device])
-            reproduce.add_time(out, a.log, f"fig2_{pair}_s", t0)
+            reproduce.add_time(out, log, f"fig2_{pair}_s", t0)
         bar.update()
     gamma = {pair: json.load(open(out / f"fig2_{pair}.json"))["predicted_gamma"] for pair in PAIRS}
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -114,7 +115,7 @@ def predict(a, out, bar):
 
 
 # ------------------------------------------------------------------------------------------------ 2. joint training
-def train_pair(a, out, pair):
+def train_pair(a, out, log, pair):
     cache = out / "cache"  # the frozen encoders' outputs do not depend on the schedule: one cache for every pair
     if not (cache / "index.json").exists():
         cache_py.main(["--data", "synthetic", "--size", "tiny", "--num-clips", str(a.num_clips), "--out", str(cache),
@@ -126,7 +127,7 @@ def train_pair(a, out, pair):
     train.main(["--data", "synthetic", "--size", "tiny", "--batch-size", str(a.batch_size), "--cache", str(cache),
                 "--device", a.device, "--ckpt-every", "100", "--out", str(run), "--conditioner", "cmcpe", "--seed",
                 "0", "--max-steps", str(a.joint_steps), "--resume"] + scale_args(a, pair))
-    reproduce.add_time(out, a.log, f"train_{pair}_s", t0)
+    reproduce.add_time(out, log, f"train_{pair}_s", t0)
     return run
 
 
@@ -176,7 +177,7 @@ def summarise(rows, ref, predicted, rng, boots):
                 predicted_vs_gamma1=out[f"{predicted:.4g}"].get("vs_gamma1"))
 
 
-def report(a, out, fig, summary, seconds):
+def report(a, fig, summary, seconds):
     lines = [f"Gamma under a controlled mismatch ({a.num_test} test clips per row, one training seed, T = {a.steps}, "
              f"joint {a.joint_steps} steps at batch {a.batch_size}; latent scale {a.scale:g} = SNR x "
              f"{a.scale ** 2:g}; this invocation {seconds / 60:.1f} min)", ""]
@@ -219,7 +220,7 @@ def plot(fig, summary, path):
         ax[0, j].set_title(f"{pair}: Fig. 2(a), gap {c['gap_a']:.3f}", fontsize=9)
         ax[0, j].set_xlabel("timestep (each model's own)")
         t = np.arange(1, 1001)
-        m, n = fig2.local_timesteps(torch.from_numpy(t), 1000, 1000, 1000, g_hat)  # Eq. (8)
+        m, n = local_timesteps(torch.from_numpy(t), 1000, 1000, 1000, g_hat)  # Eq. (8)
         ax[1, j].plot(t, fig2.normalised(lv)(m.numpy()), label="video at m(t)")
         ax[1, j].plot(t, fig2.normalised(la)(n.numpy()), label="audio at n(t)")
         ax[1, j].set_title(f"(b) at the predicted γ = {g_hat:.3g}, gap {fig2.gap(lv, la, g_hat):.3f} (interpolated)",
@@ -250,7 +251,7 @@ def main(argv=None):
     a = parse_args(argv)
     out, t_start = Path(a.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    a.log = json.load(open(out / "timings.json")) if (out / "timings.json").exists() else {}  # earlier, stopped runs
+    log = json.load(open(out / "timings.json")) if (out / "timings.json").exists() else {}  # earlier, stopped runs
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(os.sched_getaffinity(0)))))
     test = list(build_dataset("synthetic", "test", num_clips=a.num_test).clips)  # held out: never trained or tuned on
     real = [synthetic_clip(s) for s in test]
@@ -259,10 +260,10 @@ def main(argv=None):
     frames, waves = np.stack([c["frames"] for c in real]), np.stack([c["audio"] for c in real])
     ref = reproduce.cached_eval(out / "eval" / "real.json", lambda: reproduce.score_clips(frames, waves, FPS, SR))
     with tqdm(total=len(PAIRS) * (2 + len(a.gammas) + 1), desc="experiment", unit="stage") as bar:
-        predicted = predict(a, out, bar)
+        predicted = predict(a, out, log, bar)
         rows = {}
         for pair in PAIRS:
-            run = train_pair(a, out, pair)
+            run = train_pair(a, out, log, pair)
             bar.update()
             gammas = sorted(set(a.gammas) | {float(f"{predicted[pair]:.4g}")})
             bar.total += len(gammas) - len(a.gammas) - 1
@@ -272,12 +273,12 @@ def main(argv=None):
     summary = {pair: summarise(rows[pair], ref, float(f"{predicted[pair]:.4g}"), rng, boots) for pair in PAIRS}
     fig = {pair: json.load(open(out / f"fig2_{pair}.json")) for pair in PAIRS}
     seconds = time.time() - t_start
-    reproduce.add_time(out, a.log, "invocations_s", t_start)
-    config = {k: v for k, v in vars(a).items() if k != "log"}
+    reproduce.add_time(out, log, "invocations_s", t_start)
+    config = vars(a)
     result = dict(config=config, pairs=summary, prediction=json.load(open(out / "prediction.json")),
-                  timings=a.log)
+                  timings=log)
     (out / "gamma_mismatch.json").write_text(json.dumps(result, indent=1))
-    table = report(a, out, fig, summary, seconds)
+    table = report(a, fig, summary, seconds)
     (out / "gamma_mismatch.md").write_text(table)
     plot(fig, summary, out / "gamma_mismatch.png")
     print(table)
