@@ -10,7 +10,7 @@ Three sizes:
                predict v, not eps (README, deviations);
   "full"       the real architectures from configs/*.json with random weights (parameter counts, GPU benchmarks);
                buildable on the `meta` device;
-  "pretrained" real weights by hub id or local folder (offline without them: `WeightsNotFound`, one line).
+  "pretrained" real weights by hub id or local folder (missing: huggingface_hub's OSError, one line).
 Left out: fp16 weight variants, LoRA / DreamBooth checkpoints, IP-adapter, FreeInit/FreeNoise, sliced/tiled VAE.
 """
 import json
@@ -28,7 +28,7 @@ from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextC
                           RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig)
 
 from data import HOP, SR
-from support.cli import BASES, WeightsNotFound, hub_reachable
+from support.cli import BASES
 from support.retime import retime
 from support.tiny import GriffinLim, PoolVideoAE, byte_tokenizers, load_tiny_bases, tiny_parts
 
@@ -57,36 +57,20 @@ def _full():
 
 
 def _pretrained(video_base, motion_adapter, audio_base):
-    """The real base models by hub id or local folder: from the local cache first (no network); downloaded only
-    when the hub answers, so that offline the error comes at once, without the hub client's retries."""
-    def load(local):
-        kw = dict(local_files_only=local)
-        d = dict(kw, low_cpu_mem_usage=False)  # diffusers: no "install accelerate" notice
-        unet2d = UNet2DConditionModel.from_pretrained(video_base, subfolder="unet", **d)
-        adapter = MotionAdapter.from_pretrained(motion_adapter, **d)
-        return dict(video_unet=UNetMotionModel.from_unet2d(unet2d, adapter),
-                    vae_v=AutoencoderKL.from_pretrained(video_base, subfolder="vae", **d),
-                    text_encoder_v=CLIPTextModel.from_pretrained(video_base, subfolder="text_encoder", **kw),
-                    tokenizer_v=CLIPTokenizer.from_pretrained(video_base, subfolder="tokenizer", **kw),
-                    audio_unet=UNet2DConditionModel.from_pretrained(audio_base, subfolder="unet", **d),
-                    vae_a=AutoencoderKL.from_pretrained(audio_base, subfolder="vae", **d),
-                    text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder",
-                                                                               **kw),
-                    tokenizer_a=RobertaTokenizer.from_pretrained(audio_base, subfolder="tokenizer", **kw),
-                    vocoder=SpeechT5HifiGan.from_pretrained(audio_base, subfolder="vocoder", **kw))
-    ids = [i for i in (video_base, motion_adapter, audio_base) if not os.path.isdir(i)]
-    why = "not in the local cache and the hub is unreachable"
-    for local in (True, False):
-        if not local and not hub_reachable():
-            break
-        try:
-            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
-                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-                return load(local)
-        except (OSError, ValueError) as e:  # hub/offline/missing-folder errors are OSError or ValueError subclasses
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if not local else why
-    raise WeightsNotFound(f"pretrained weights {why}; get them with " + ", ".join(f"`hf download {i}`" for i in ids) +
-                          " (or pass local folders: --video-base, --motion-adapter, --audio-base)")
+    """The real base models by hub id or local folder (huggingface_hub's cache, else a download; HF_HUB_OFFLINE=1:
+    the cache only). A missing model raises huggingface_hub's own OSError, one line in the CLIs."""
+    d = dict(low_cpu_mem_usage=False)  # diffusers: no "install accelerate" notice
+    unet2d = UNet2DConditionModel.from_pretrained(video_base, subfolder="unet", **d)
+    adapter = MotionAdapter.from_pretrained(motion_adapter, **d)
+    return dict(video_unet=UNetMotionModel.from_unet2d(unet2d, adapter),
+                vae_v=AutoencoderKL.from_pretrained(video_base, subfolder="vae", **d),
+                text_encoder_v=CLIPTextModel.from_pretrained(video_base, subfolder="text_encoder"),
+                tokenizer_v=CLIPTokenizer.from_pretrained(video_base, subfolder="tokenizer"),
+                audio_unet=UNet2DConditionModel.from_pretrained(audio_base, subfolder="unet", **d),
+                vae_a=AutoencoderKL.from_pretrained(audio_base, subfolder="vae", **d),
+                text_encoder_a=ClapTextModelWithProjection.from_pretrained(audio_base, subfolder="text_encoder"),
+                tokenizer_a=RobertaTokenizer.from_pretrained(audio_base, subfolder="tokenizer"),
+                vocoder=SpeechT5HifiGan.from_pretrained(audio_base, subfolder="vocoder"))
 
 
 class BaseModels(nn.Module):

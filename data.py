@@ -17,11 +17,10 @@ import torch
 from tqdm import tqdm
 
 from support import cli
-from support.files import DiskFull
-from support.media import FFMPEG, _ffmpeg, write_mp4  # noqa: F401 (FFMPEG: the binary the tests use)
+from support.media import FFMPEG, SR, write_mp4, ffmpeg as _ffmpeg  # noqa: F401 (FFMPEG: the binary the tests use)
 from support.synthetic import FPS as SYNTHETIC_FPS, MAX_CLIPS, TEST_SEED, synthetic_clip, write_synthetic
 
-SR, HOP, N_FFT, N_MELS = 16000, 160, 1024, 64  # AudioLDM 16 kHz mel config (its HiFi-GAN 16k-64 setup)
+HOP, N_FFT, N_MELS = 160, 1024, 64  # AudioLDM 16 kHz mel config (its HiFi-GAN 16k-64 setup)
 VIDEO_EXT = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 # what the work can take, checked before any: above 60 fps ffmpeg only repeats frames (at 1e9 it filled the
 # memory); square sizes are multiples of 8 (the VAEs' factor, H.264's even sizes) up to twice Sec. 4.1.2's 256
@@ -260,22 +259,16 @@ def main(argv=None):
     except ValueError as e:
         cli.fail(f"--size: {e}")
     if a.cmd == "prepare":
-        cli.existing(a.src, "--src", "dir")
+        cli.existing(a.src, "--src", folder=True)
         cli.writable_dir(a.out, "--out")
-        try:
-            prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
-        except DiskFull as e:
-            cli.fail(str(e))
+        prepare(a.src, a.out, a.fps, a.size, workers=a.workers)
     else:
         cli.writable_dir(a.out, "--out")
         need = a.num_clips * (4 * SR * 4 + 16000 + a.size ** 2)  # a 4-s float32 wav + the mp4 (<= 16 kB + size^2)
         if need > shutil.disk_usage(a.out).free:
             cli.fail(f"--num-clips {a.num_clips}: the clips need about {need / 2 ** 30:.1f} GiB, more than {a.out} "
                      "has free")
-        try:
-            write_synthetic(a.out, a.num_clips, a.fps, a.size, a.split)
-        except DiskFull as e:
-            cli.fail(str(e))
+        write_synthetic(a.out, a.num_clips, a.fps, a.size, a.split)
 
 
 if __name__ == "__main__":

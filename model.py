@@ -131,19 +131,17 @@ class JointModel(nn.Module):
         return [(name, p) for name, p in self.named_parameters()
                 if id(p) in added or (name.startswith("video_unet.") and "motion_modules" in name)]
 
-    def stage_parameters(self, stage):
-        """{name: param} a training stage updates: "joint" trainable_parameters(); "base" the two U-Nets (the tiny
-        size's first stage, which trains its random base models)."""
+    def set_trainable(self, stage="joint"):
+        """requires_grad True exactly for what a training stage updates -> {name: param}. "joint": App. A.2's
+        trainable_parameters(); "base": the two base U-Nets (the tiny size's own pre-training, train.py --stage base)."""
         if stage == "base":
-            return {name: p for name, p in self.named_parameters() if name.startswith(("video_unet.", "audio_unet."))}
-        return dict(self.trainable_parameters())
-
-    def set_trainable(self):
-        """requires_grad True exactly for trainable_parameters(); the frozen U-Nets carry gradients but get none."""
+            params = {n: p for n, p in self.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
+        else:
+            params = dict(self.trainable_parameters())
         self.requires_grad_(False)
-        for _, p in self.trainable_parameters():
+        for p in params.values():
             p.requires_grad_(True)
-        return self
+        return params
 
     def enable_gradient_checkpointing(self):
         """Recompute activations in backward: every U-Net block (motion modules included), the added blocks and the
@@ -214,4 +212,5 @@ def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fp
     with torch.random.fork_rng(), torch.device(device):  # same initial added modules every build
         torch.manual_seed(0)
         model = JointModel(bases.video_unet, bases.audio_unet, conditioner, fps=fps, time_align=time_align)
-    return model.to(dtype=dtype).set_trainable(), bases
+    model.to(dtype=dtype).set_trainable()
+    return model, bases

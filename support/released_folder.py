@@ -135,4 +135,5 @@ def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None)
     bases = assemble(dict(video_unet=parts.pop("unet_v"), audio_unet=parts.pop("unet_a"), **parts), "pretrained",
                      device, dtype, fps, video_size or 256, schedulers)  # 256x256 frames: Sec. 4.1.2
     model = JointModel.from_official(bases.video_unet, bases.audio_unet, config, sd, fps=fps)
-    return model.to(device, dtype).set_trainable(), bases
+    model.to(device, dtype).set_trainable()
+    return model, bases

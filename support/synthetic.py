@@ -10,10 +10,8 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from support.files import write_text
-from support.media import write_mp4, write_wav
+from support.media import SR, write_mp4, write_wav
 
-SR = 16000
 TEST_SEED = 10 ** 6  # synthetic clips: train seeds 0.., held-out test seeds 10**6..
 MAX_CLIPS = TEST_SEED  # per split: more training seeds would reach the test seeds
 FPS = (2, 60)  # frame rates the clips can take: at 1 fps a 4-s clip has no room for 2 hits 0.5 s apart
@@ -93,5 +91,5 @@ def write_synthetic(out, num, fps=8, size=64, split="test"):
             write_wav(os.path.join(out, name + ".wav"), c["audio"])
             write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
             lines.append(f'{name}.mp4,"{c["caption"]}"\n')
-    write_text(os.path.join(out, "captions.txt"), "".join(lines))
+    open(os.path.join(out, "captions.txt"), "w").write("".join(lines))
     print(f"wrote {num} clips (.mp4 + .wav) and captions.txt to {out}")

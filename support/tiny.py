@@ -21,7 +21,6 @@ from transformers import (ClapTextConfig, ClapTextModelWithProjection, CLIPTextC
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from data import HOP, N_FFT, N_MELS, SR
-from support.cli import WeightsNotFound
 
 
 def byte_tokenizers(max_length=77):
@@ -151,7 +150,7 @@ def load_tiny_bases(parts, path):
     try:
         sd = load_file(path)
     except Exception as e:
-        raise WeightsNotFound(f"tiny base models {path}: cannot be read ({type(e).__name__})") from None
+        raise OSError(f"tiny base models {path}: cannot be read ({type(e).__name__})") from None
     for name in ("video_unet", "audio_unet"):
         own = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
         fixed = dict(parts[name].named_buffers())  # the motion modules' sinusoidal tables: built, never trained
@@ -159,5 +158,5 @@ def load_tiny_bases(parts, path):
         try:
             parts[name].load_state_dict(own, strict=True)
         except RuntimeError as e:
-            raise WeightsNotFound(f"tiny base models {path}: not this {name} ({str(e).splitlines()[1][:150]})") \
+            raise OSError(f"tiny base models {path}: not this {name} ({str(e).splitlines()[1][:150]})") \
                 from None
