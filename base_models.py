@@ -1,22 +1,11 @@
-"""The two frozen base models and their encoders/decoders (Sec. 3.1, App. A.2).
-
-Video: AnimateDiff = SD-1.5 U-Net + motion adapter v1-5-2 (diffusers `UNetMotionModel`), SD VAE, CLIP ViT-L text.
-Audio: AudioLDM-m-full (`UNet2DConditionModel`, CLAP text embedding as class label), its VAE, HiFi-GAN vocoder.
-Both DDIM noise schedules (the paper's {beta_t} of Eq. 1, one per modality).
-
-Three sizes:
-  "tiny"       random U-Nets / text encoders with the real classes and block layout but narrow channels, FIXED
-               simple autoencoders and a Griffin-Lim vocoder (support/tiny.py): a CPU demo learns in minutes. They
-               predict v, not eps (README, deviations);
-  "full"       the real architectures from configs/*.json with random weights (parameter counts, GPU benchmarks);
-               buildable on the `meta` device;
-  "pretrained" real weights by hub id or local folder (missing: huggingface_hub's OSError, one line).
-Left out: fp16 weight variants, LoRA / DreamBooth checkpoints, IP-adapter, FreeInit/FreeNoise, sliced/tiled VAE.
+"""The two frozen base models and their encoders/decoders (Sec. 3.1, App. A.2): AnimateDiff (SD-1.5 U-Net + motion
+adapter v1-5-2 as diffusers' `UNetMotionModel`, SD VAE, CLIP ViT-L text) and AudioLDM-m-full (`UNet2DConditionModel`
+with the CLAP text embedding as class label, its VAE, HiFi-GAN vocoder), with their DDIM schedules ({beta_t}, Eq. 1).
+Sizes: "tiny" (support/tiny.py, a CPU demo), "full" (configs/*.json, random weights; `meta` works), "pretrained" (hub
+ids or folders). Left out: fp16 weight variants, LoRA / DreamBooth, IP-adapter, FreeInit/FreeNoise, sliced/tiled VAE.
 """
 import json
 import logging
-import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -33,11 +22,9 @@ from support.retime import retime
 from support.tiny import GriffinLim, PoolVideoAE, byte_tokenizers, load_tiny_bases, tiny_parts
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-# diffusers notes "modules that should be kept in float32: []" at every .to(dtype) of a model that has none, and
-# transformers 5 draws a "Loading weights" bar for every text encoder: neither says anything to a user
-logging.getLogger("diffusers.models.modeling_utils").addFilter(
-    lambda record: "should be kept in float32" not in record.getMessage())
-transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()  # transformers 5 draws a bar for every text encoder it loads
+# diffusers warns of "modules that should be kept in float32: []" (none) at every .to(dtype), from_unet2d's own too
+logging.getLogger("diffusers.models.modeling_utils").addFilter(lambda r: "kept in float32: []" not in r.getMessage())
 
 
 def _cfg(name):
@@ -56,9 +43,7 @@ def _full():
                 text_encoder_a=ClapTextModelWithProjection(ClapTextConfig(**_cfg("audioldm_text_encoder_clap.json"))))
 
 
-def _pretrained(video_base, motion_adapter, audio_base):
-    """The real base models by hub id or local folder (huggingface_hub's cache, else a download; HF_HUB_OFFLINE=1:
-    the cache only). A missing model raises huggingface_hub's own OSError, one line in the CLIs."""
+def _pretrained(video_base, motion_adapter, audio_base):  # hub ids or folders (HF_HUB_OFFLINE=1: the cache only)
     d = dict(low_cpu_mem_usage=False)  # diffusers: no "install accelerate" notice
     unet2d = UNet2DConditionModel.from_pretrained(video_base, subfolder="unet", **d)
     adapter = MotionAdapter.from_pretrained(motion_adapter, **d)
@@ -76,14 +61,13 @@ def _pretrained(video_base, motion_adapter, audio_base):
 class BaseModels(nn.Module):
     """Frozen base models (requires_grad False, eval mode) and their data <-> latent maps, as in diffusers pipelines."""
 
-    def __init__(self, size, fps, video_size, tokenizer_v, tokenizer_a, schedulers=None, **modules):
+    def __init__(self, size, fps, video_size, schedulers=None, **parts):
         super().__init__()
         self.size, self.fps, self.video_size, self.sr = size, fps, video_size, SR
-        self.tokenizer_v, self.tokenizer_a = tokenizer_v, tokenizer_a
-        for name in ("video_unet", "audio_unet", "vae_v", "vae_a", "vocoder", "text_encoder_v", "text_encoder_a"):
-            setattr(self, name, modules[name])
+        for name, part in parts.items():  # the two U-Nets, VAEs, text encoders, tokenizers and the vocoder
+            setattr(self, name, part)
         # {beta_t} of Eq. (1) per modality, as alphas_cumprod (1000,): AnimateDiff linear, AudioLDM scaled_linear
-        self.prediction_type = {}  # what each U-Net outputs: "epsilon" (the real ones) or "v_prediction" (tiny)
+        self.prediction_type = {}  # "epsilon" (the real U-Nets) or "v_prediction" (tiny)
         self.scheduler_config = {}  # each modality's DDIM config: its timestep grid (support/official_grid.py)
         for m, name in (("v", "animatediff_ddim_scheduler.json"), ("a", "audioldm_ddim_scheduler.json")):
             sched = DDIMScheduler.from_config((schedulers or {}).get(m) or _cfg(name))  # a pipe/'s own, if it has them
@@ -97,21 +81,23 @@ class BaseModels(nn.Module):
         return self.alphas_cumprod_v.device
 
     @property
-    def latent_size(self):
-        """H = W of a video latent: SD's VAE and the tiny codec downsample 8x (32 for 256x256 frames)."""
+    def latent_size(self):  # H = W of a video latent: SD's VAE and the tiny codec downsample 8x (256 -> 32)
         vae = self.vae_v
         factor = vae.factor if isinstance(vae, PoolVideoAE) else 2 ** (len(vae.config.block_out_channels) - 1)
         return self.video_size // factor
 
     @torch.no_grad()
-    def encode_text(self, prompts):
-        """-> text_v (B, 77, D_clip) CLIP last hidden state; text_a (B, D_clap) L2-normalised CLAP text_embeds."""
+    def encode_text(self, prompts, official_negative=False):
+        """-> CLIP last hidden state (B, 77, D_clip), L2-normalised CLAP text_embeds (B, D_clap), at least float32.
+        official_negative: the released pipeline's negative prompt, CLAP tokens padded to the projection width."""
         kw = dict(padding="max_length", truncation=True, return_tensors="pt")
         ids = self.tokenizer_v(list(prompts), max_length=self.tokenizer_v.model_max_length, **kw).input_ids
         text_v = self.text_encoder_v(ids.to(self.device))[0]
-        tok = self.tokenizer_a(list(prompts), max_length=self.tokenizer_a.model_max_length, **kw).to(self.device)
+        n = self.text_encoder_a.config.projection_dim if official_negative else self.tokenizer_a.model_max_length
+        tok = self.tokenizer_a(list(prompts), max_length=n, **kw).to(self.device)
         text_a = self.text_encoder_a(tok.input_ids, attention_mask=tok.attention_mask).text_embeds
-        return text_v.float(), F.normalize(text_a.float(), dim=-1)  # as AudioLDMPipeline._encode_prompt
+        up = lambda z: z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32; a float64 run stays float64
+        return up(text_v), F.normalize(up(text_a), dim=-1)
 
     @staticmethod
     def _encode(vae, x):  # -> mean, std of the latent distribution, times the VAE's scaling_factor
@@ -127,8 +113,7 @@ class BaseModels(nn.Module):
         return vae.decode(z)
 
     @torch.no_grad()
-    def encode_video(self, frames, chunk=16):
-        """frames (B, 3, F, H, W) in [-1, 1] -> mean, std (B, 4, F, H/8, W/8), per frame in chunks of 16 frames."""
+    def encode_video(self, frames, chunk=16):  # (B, 3, F, H, W) in [-1, 1] -> mean, std (B, 4, F, H/8, W/8)
         B, _, n, H, W = frames.shape
         x = frames.transpose(1, 2).reshape(B * n, 3, H, W)  # (B*F, 3, H, W), b*F + f order
         mean, std = zip(*(self._encode(self.vae_v, c) for c in x.split(chunk)))
@@ -136,51 +121,42 @@ class BaseModels(nn.Module):
         return unfold(torch.cat(mean)), unfold(torch.cat(std))
 
     @torch.no_grad()
-    def encode_audio(self, mel):
-        """mel (B, 1, 400, 64) AudioLDM log-mel -> mean, std (B, 8, 100, 16)."""
+    def encode_audio(self, mel):  # mel (B, 1, 400, 64) AudioLDM log-mel -> mean, std (B, 8, 100, 16)
         return self._encode(self.vae_a, mel)
 
     @torch.no_grad()
-    def decode_video(self, x_v, chunk=16):
-        """x_v (B, 4, F, h, w) -> uint8 frames (B, F, H, W, 3), decoded 16 frames at a time (as AnimateDiffPipeline)."""
+    def decode_video(self, x_v, chunk=16):  # (B, 4, F, h, w) -> uint8 (B, F, H, W, 3), 16 frames at a time as diffusers
         B, C, n, h, w = x_v.shape
         z = x_v.transpose(1, 2).reshape(B * n, C, h, w)  # (B*F, 4, h, w)
         x = torch.cat([self._decode(self.vae_v, c) for c in z.split(chunk)])  # (B*F, 3, H, W) in [-1, 1]
         x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # as VaeImageProcessor -> numpy uint8
-        return x.reshape(B, n, *x.shape[1:]).permute(0, 1, 3, 4, 2)  # (B, F, H, W, 3)
+        return x.reshape(B, n, *x.shape[1:]).permute(0, 1, 3, 4, 2)  # (B*F, 3, H, W) -> (B, F, H, W, 3)
 
     @staticmethod
-    def audio_rows(seconds):
-        """Audio latent rows for `seconds` of sound: the VAE keeps one row per 4 mel frames of 10 ms (100 for 4 s)."""
+    def audio_rows(seconds):  # audio latent rows for `seconds` of sound: one per 4 mel frames of 10 ms (100 for 4 s)
         return round(seconds * SR / HOP / 4)
 
     @torch.no_grad()
     def decode_audio(self, x_a, seconds=4.0):
-        """x_a (B, 8, rows, 16) -> VAE -> log-mel (B, 1, 4 rows, 64) -> vocoder -> waveform float32 (B, seconds*SR),
-        cut after decoding (rows past `seconds`, the released model's padding, are decoded and dropped)."""
-        mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 4 rows, 64) time-major, as the vocoder wants
+        """x_a (B, 8, rows, 16) -> waveform (B, seconds*SR) float32; rows past `seconds` (padding) are cut after."""
+        mel = self._decode(self.vae_a, x_a).squeeze(1)  # (B, 1, 4 rows, 64) -> (B, 4 rows, 64), as the vocoder wants
         w = next(self.vocoder.parameters(), None)  # HiFi-GAN in its dtype; Griffin-Lim (no weights) in float32
         wave = self.vocoder(mel if w is None else mel.to(w.dtype)).float()  # 4 s: HiFi-GAN 64032 samples, GL 63840
-        n = round(seconds * SR)
-        return F.pad(wave, (0, max(0, n - wave.shape[-1])))[:, :n]
+        return F.pad(wave, (0, round(seconds * SR)))[:, :round(seconds * SR)]
 
 
 def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=BASES["video_base"],
                      motion_adapter=BASES["motion_adapter"], audio_base=BASES["audio_base"], tiny_bases=None,
                      snr_scale_v=1.0, snr_scale_a=1.0):
-    """Build the frozen base models. size: "tiny" | "full" | "pretrained" (see module docstring). tiny_bases: a
-    safetensors file of trained tiny U-Nets ("video_unet.*", "audio_unet.*"; cli.TINY_BASES is the shipped one),
-    or None for random ones. snr_scale_v / snr_scale_a != 1: that base model on another noise schedule, its SNR
-    times that factor at every timestep (support/retime.py; the controlled experiment of scripts/gamma_mismatch.py)."""
-    device = torch.device(device)
+    """size: "tiny" | "full" | "pretrained". tiny_bases: trained tiny U-Nets (a safetensors file; cli.TINY_BASES) or
+    None. snr_scale_v / _a != 1: that base model on a schedule with s times its SNR (support/retime.py)."""
     if size == "pretrained":
         parts = _pretrained(video_base, motion_adapter, audio_base)
     elif size in ("tiny", "full"):
         with torch.random.fork_rng(), torch.device(device):  # same random weights every call
             torch.manual_seed(0)
             parts = tiny_parts() if size == "tiny" else _full()
-        # "full" reuses the byte-level tokenizers: random text encoders need no real vocabulary
-        parts["tokenizer_v"], parts["tokenizer_a"] = byte_tokenizers()
+        parts["tokenizer_v"], parts["tokenizer_a"] = byte_tokenizers()  # random text encoders need no vocabulary
         if size == "tiny" and tiny_bases:
             load_tiny_bases(parts, tiny_bases)
     else:
@@ -193,9 +169,7 @@ def load_base_models(size, device="cpu", dtype=torch.float32, fps=8, video_base=
 
 def assemble(parts, size, device, dtype, fps, video_size, schedulers=None):
     """BaseModels from its parts, on device; weights in dtype except the Griffin-Lim vocoder (torch.stft: fp32)."""
-    base = BaseModels(size, fps, video_size, schedulers=schedulers, **parts)
+    base = BaseModels(size, fps, video_size, schedulers=schedulers, **parts).to(device)
     for m in base.children():
-        want = torch.float32 if isinstance(m, GriffinLim) else dtype
-        same = all(p.dtype == want for p in m.parameters())  # diffusers warns on every .to(dtype), even a no-op one
-        m.to(device) if same else m.to(device, want)
-    return base.to(device)
+        m.to(torch.float32 if isinstance(m, GriffinLim) else dtype)
+    return base

@@ -2,20 +2,19 @@
 cross-attention baseline (Sec. 3.3.1, Fig. 3a, Table 1 row 1), computed exactly as the authors' released model.
 
 Data flow (model.py wires it): Connector([x_t ; x0_hat], emb(t)) -> pool_sequence: one vector per time step -> the
-OTHER U-Net's CMCPE blocks. There, Fig. 3b step by step: context_encoding projects the sequence and INTERPOLATES it
-onto the feature's time axis, it is BROADCAST over the feature's non-time axes and ADDED like a positional encoding,
-then SELF-ATTENTION runs. Parameter names are the released `unet_svg`'s (support/released.py maps only the prefixes),
-so its weights load. A `# released:` comment marks every place where the released model does more or other than the
-paper's words. Our one addition is `time_align="seconds"` (time_weights). The video connector's spatio-temporal
-attention lives in support/video_attention.py. Left out: dropout (0 in the release), the connector variant without
+OTHER U-Net's CMCPE blocks, which (Fig. 3b) encode the sequence, INTERPOLATE it onto the feature's time axis,
+BROADCAST it over the non-time axes, ADD it like a positional encoding, then run SELF-ATTENTION. Parameter names are
+the released `unet_svg`'s (support/released.py maps only the prefixes), and diffusers' `Attention` and `FeedForward`
+(GEGLU) carry them too. `# released:` marks where the released model does more or other than the paper's words.
+Ours: `time_align="seconds"` (time_weights). Left out: dropout (0 in the release), the connector without
 self-conditioning ("x_cur"), the CoDi modules the release never builds.
-
-Lengths: L is a feature's number of time steps (video frames or audio rows at that U-Net level), L_c a context
-sequence's, S the tokens per time step (H*W pixels or M mel bins); C, C_c their channels.
+L: a feature's time steps (frames or audio rows), L_c a context's; S: tokens per time step (H*W or M); C, C_c channels.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
 
 from support.video_attention import SpatioTemporalAttention, group_norm, zero
 
@@ -23,10 +22,9 @@ TIME_ALIGN = ("seconds", "index")  # ours (default for new runs) / the released 
 
 
 def time_weights(L_x, sec_x, L_c, sec_c):
-    """(L_x, L_c) resampling from a context time axis onto a feature time axis BY SECONDS (ours): x-step i covers
-    [i*sec_x, (i+1)*sec_x), c-step j [j*sec_c, (j+1)*sec_c); W[i, j] is c-step j's share of x-step i's overlap
-    (a row past the context's end is 0). The released model takes step floor(i * L_c / L_x) (F.interpolate's
-    nearest): it stretches a padded 4.16 s audio context over 4 s of video, 4 % too slow."""
+    """(L_x, L_c) resampling BY SECONDS (ours): W[i, j] is context step j's share of feature step i's span
+    [i*sec_x, (i+1)*sec_x) (0 past the context's end). The released model takes step floor(i * L_c / L_x)
+    (F.interpolate's nearest): it stretches a padded 4.16 s audio context over 4 s of video, 4 % too slow."""
     i = torch.arange(L_x, dtype=torch.float64)[:, None]
     j = torch.arange(L_c, dtype=torch.float64)[None, :]
     start = torch.maximum(i * sec_x, j * sec_c)
@@ -37,82 +35,38 @@ def time_weights(L_x, sec_x, L_c, sec_c):
 
 
 def self_conditioning_input(x_t, x0_hat):
-    """The connector's input [x_t ; x0_hat] (Sec. 3.3.2: self-conditioning, Chen et al., 2022): x0_hat is the Eq. (6)
-    estimate of the previous step, None (= zeros) at the first step; concatenated along channels."""
+    """[x_t ; x0_hat] along channels (Sec. 3.3.2, Chen et al., 2022); x0_hat: Eq. (6) at the previous step, None = 0."""
     return torch.cat([x_t, torch.zeros_like(x_t) if x0_hat is None else x0_hat], 1)
 
 
 def pool_sequence(z):
-    """CMC-PE's context: connector map (B, C_c, F, h, w) / (B, C_c, L_c, M) -> (B, C_c, L_c), one vector per time step
-    (mean over the non-time axes). released: then divided by its L2 norm over TIME (not channels), no epsilon."""
+    """CMC-PE's context: (B, C_c, F, h, w) / (B, C_c, L_c, M) -> (B, C_c, L_c), the mean over the non-time axes.
+    released: then divided by its L2 norm over TIME (not channels), no epsilon."""
     z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
     return z / torch.norm(z, dim=-1, keepdim=True)
 
 
 def pool_vector(z):
-    """The cross-attention baseline's context (Fig. 3a, CoDi): connector map -> ONE vector (B, 1, C_c), the mean over
-    every non-channel axis, L2-normalised over channels."""
+    """The baseline's context (Fig. 3a, CoDi): -> ONE vector (B, 1, C_c), L2-normalised over channels."""
     z = z.mean(2).mean(2).mean(2) if z.dim() == 5 else z.mean(2).mean(2)
     return (z / torch.norm(z, dim=-1, keepdim=True)).unsqueeze(1)
 
 
-class GEGLU(nn.Module):
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-    def forward(self, x):
-        x, gate = self.proj(x).chunk(2, -1)
-        return x * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU MLP over the last axis (SD / CoDi): dim -> 4 dim (gated) -> dim_out."""
-
-    def __init__(self, dim, dim_out=None, mult=4):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim_out or dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class Attention(nn.Module):
-    """Multi-head attention over (N, tokens, dim), self-attention when context is None; q, k, v without bias."""
-
-    def __init__(self, dim, heads, dim_head, context_dim=None):
-        super().__init__()
-        self.heads = heads
-        inner = heads * dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
-
-    def forward(self, x, context=None):
-        c = x if context is None else context
-        # (N, tokens, inner) -> (N, heads, tokens, dim_head)
-        split = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(c)), split(self.to_v(c)))
-        return self.to_out(out.transpose(1, 2).flatten(2))  # (N, heads, tokens, dim_head) -> (N, tokens, dim)
-
-
 class ContextAttention(Attention):
-    """attn_c of a CMC-PE block: the self-attention that reads x + PE. released: the context encoder's two layers are
-    registered here too (so their names are attn_c.proj_c, attn_c.norm); context_encoding is what they compute."""
+    """attn_c of a CMC-PE block, the self-attention on x + PE. released: the context encoder's two layers live here
+    too (attn_c.proj_c, attn_c.norm); context_encoding is what they compute."""
 
     def __init__(self, dim, heads, dim_head, context_dim):
-        super().__init__(dim, heads, dim_head)
-        self.proj_c = FeedForward(context_dim, dim)  # released: a GEGLU MLP per context step
+        super().__init__(dim, heads=heads, dim_head=dim_head)
+        self.proj_c = FeedForward(context_dim, dim, activation_fn="geglu")  # released: a GEGLU MLP per context step
         self.norm = group_norm(dim, eps=1e-6)  # released: GroupNorm over channels x ALL context steps
 
 
 def context_encoding(attn_c, ctx, L, weights=None):
-    """Fig. 3b, the context encoder: the other modality's sequence ctx (B, C_c, L_c) -> a positional encoding
-    (B, C, L) on this feature's L time steps, resampled by `weights` (time_weights, (L, L_c)) or, when None, nearest
-    by index as released."""
-    c = attn_c.proj_c(ctx.transpose(1, 2))  # (B, C_c, L_c) -> (B, L_c, C): one C-vector per context step
-    c = attn_c.norm(c.transpose(1, 2))  # (B, C, L_c)
+    """Fig. 3b's context encoder: ctx (B, C_c, L_c) -> (B, C, L), resampled by `weights` (time_weights, (L, L_c)),
+    or nearest by index as released when None."""
+    c = attn_c.proj_c(ctx.transpose(1, 2))  # (B, C_c, L_c) -> (B, L_c, C)
+    c = attn_c.norm(c.transpose(1, 2))  # (B, L_c, C) -> (B, C, L_c)
     return F.interpolate(c, size=L) if weights is None else c @ weights.T.to(c)  # Fig. 3b: interpolate, (B, C, L)
 
 
@@ -130,8 +84,8 @@ class CMCPE(nn.Module):
         self.norm = group_norm(C, eps=1e-6)
         self.proj_in = nn.Conv2d(C, C, 1)
         self.attn_c = ContextAttention(C, heads, head_dim, context_channels)
-        self.attn_s = Attention(C, heads, head_dim)
-        self.ff = FeedForward(C)
+        self.attn_s = Attention(C, heads=heads, dim_head=head_dim)
+        self.ff = FeedForward(C, activation_fn="geglu")
         self.norm1 = nn.LayerNorm(C)
         self.norm2 = nn.LayerNorm(C)
         self.norm3 = nn.LayerNorm(C)
@@ -143,9 +97,8 @@ class CMCPE(nn.Module):
         return attn(tokens).view(B, L, S, C)  # (N, tokens, C) -> (B, L, S, C)
 
     def forward(self, h, ctx, sec_h, sec_c, num_frames=None):
-        """h: video (B*F, C, H, W) frames (num_frames = F) or audio (B, C, L, M); ctx (B, C_c, L_c): the other
-        modality's pooled connector sequence; sec_h, sec_c: seconds per time step of h and of ctx (used by
-        time_align="seconds")."""
+        """h: video (B*F, C, H, W) (num_frames = F) or audio (B, C, L, M); ctx (B, C_c, L_c): the other modality's
+        sequence; sec_h, sec_c: seconds per time step of h and of ctx (for time_align="seconds")."""
         if self.video:
             if num_frames is None or h.shape[0] % num_frames:
                 raise ValueError(f"video features (B*F, C, H, W): num_frames must divide {len(h)}, not {num_frames}")
@@ -157,7 +110,7 @@ class CMCPE(nn.Module):
         weights = None if self.time_align == "index" else time_weights(L, sec_h, ctx.shape[-1], sec_c)
         pe = context_encoding(self.attn_c, ctx, L, weights)  # Fig. 3b: encode, interpolate: (B, C, L)
         pe = pe.transpose(1, 2)[:, :, None]  # (B, C, L) -> (B, L, 1, C): Fig. 3b: broadcast over the S tokens
-        x = x.permute(0, 2, 3, 1)  # (B, C, L, S) -> (B, L, S, C): tokens for LayerNorm and attention
+        x = x.permute(0, 2, 3, 1)  # (B, C, L, S) -> (B, L, S, C)
         x = self.norm1(x)
         x = x + self.attend(self.attn_c, x + pe)  # Fig. 3b: add like a positional encoding, then self-attention
         x = self.norm2(x)
@@ -171,10 +124,9 @@ class CMCPE(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Sec. 3.3.1 / Fig. 3a baseline (CoDi's SpatialTransformer; Table 1 row 1): the other modality as ONE vector
-    (pool_vector), attended to by every token. With a single key the softmax is 1, so it adds the same
-    to_out(to_v(c)) everywhere: no temporally local information can reach the features. Video runs per frame.
-    Identity at init."""
+    """Sec. 3.3.1 / Fig. 3a baseline (CoDi's SpatialTransformer; Table 1 row 1): every token attends to the other
+    modality as ONE vector (pool_vector). With a single key the softmax is 1, so it adds the same to_out(to_v(c))
+    everywhere: nothing temporally local reaches the features. Video runs per frame. Identity at init."""
 
     def __init__(self, channels, context_channels, video, head_dim=8, time_align=None):
         super().__init__()
@@ -183,9 +135,9 @@ class CrossAttentionBlock(nn.Module):
         self.video = video
         self.norm = group_norm(C, eps=1e-6)
         self.proj_in = nn.Conv2d(C, C, 1)
-        self.attn1 = Attention(C, heads, head_dim)
-        self.ff = FeedForward(C)
-        self.attn2 = Attention(C, heads, head_dim, context_dim=context_channels)
+        self.attn1 = Attention(C, heads=heads, dim_head=head_dim)
+        self.ff = FeedForward(C, activation_fn="geglu")
+        self.attn2 = Attention(C, cross_attention_dim=context_channels, heads=heads, dim_head=head_dim)
         self.norm1 = nn.LayerNorm(C)
         self.norm2 = nn.LayerNorm(C)
         self.norm3 = nn.LayerNorm(C)
@@ -217,10 +169,9 @@ class ResBlock(nn.Module):
 
 
 class Connector(nn.Module):
-    """Sec. 3.3.2 / App. A.2 connector (CoDi's environment encoder) on the self-conditioning input [x_t ; x0_hat] and
-    the frozen U-Net's own time embedding of t. The map keeps every frame (video) and halves time (audio): conv,
-    ResBlock(2 ch0) [+ STA], stride-2 conv, ResBlock(4 ch0) [+ STA], GN-SiLU-conv to context_channels. Video runs its
-    2-D layers per frame."""
+    """Sec. 3.3.2 / App. A.2 connector (CoDi's environment encoder) on [x_t ; x0_hat] and the frozen U-Net's own time
+    embedding of t: conv, ResBlock(2 ch0) [+ STA], stride-2 conv, ResBlock(4 ch0) [+ STA], GN-SiLU-conv to
+    context_channels. Video keeps every frame (2-D layers per frame); audio halves time."""
 
     def __init__(self, latent_channels, model_channels, context_channels, emb_dim, video):
         super().__init__()

@@ -1,22 +1,17 @@
 """Evaluation metrics (Sec. 4.1.1, 4.2.1): AV-Align (av_align.py), FVD, FAD, ImageBind scores, one command for a folder.
-
-FVD follows StyleGAN-V's fvd2048_16f, FAD audioldm_eval's VGGish, ImageBind the official script; feature extractors
-are arguments, so tests plug in tiny stand-ins. A clip that does not decode whole, or is shorter than --seconds, is
-listed as failed, never scored from what decodes. Leaves out: JPEG frame dumps before FVD, and the official extras
-that the paper does not report (PANNs FD, KL, CLAP, CAVP).
+FVD follows StyleGAN-V's fvd2048_16f, FAD audioldm_eval's VGGish, ImageBind the official script; feature extractors are
+arguments (tests plug in tiny stand-ins). A clip that does not decode whole, or is shorter than --seconds, fails, never
+scored from what decodes. Left out: JPEG frame dumps before FVD; PANNs FD, KL, CLAP, CAVP (not in the paper).
 """
-import ctypes
+import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import multiprocessing
 import os
 import random
-import signal
 import sys
-import threading
-import time
 import warnings
-import concurrent.futures as cf
 from pathlib import Path
 
 import cv2
@@ -25,10 +20,12 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
-from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video  # noqa: F401 (re-exported)
+from av_align import VARIANTS, audio_path, av_align_file, read_audio, read_video
 from data import read_captions
 from support import cli
-from support.files import DiskFull, write_text
+from support.media import die_with_parent, write_atomic
+
+METRICS = ("av_align", "fvd", "fad", "imagebind")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: ImageBind scores
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's fvd2048_16f detector
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"  # audioldm_eval
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # the official ImageBind script
@@ -42,40 +39,30 @@ def _safe(fn, path):  # a bad file is reported, never fatal
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 
-def _watch(parent):  # a worker whose parent is gone (its pid now another's child, e.g. init's) ends itself
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
 def _worker(parent):
-    """A worker's start: one OpenCV thread, and it dies with its parent, so a killed metrics.py leaves no worker
-    behind holding the caller's stdout (Linux: at once, PR_SET_PDEATHSIG; elsewhere within 0.5 s)."""
+    """A worker's start: one OpenCV thread; it dies with its parent (no worker outlives a killed metrics.py)."""
     cv2.setNumThreads(1)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    threading.Thread(target=_watch, args=(parent,), daemon=True).start()  # also covers a parent gone before prctl
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above: no signal will come, and no work
+        os._exit(1)
 
 def map_clips(fn, paths, workers=1, desc=None):
     """fn(path) for each path, a clip per process with one OpenCV thread; returns ({path: value}, {path: error})."""
     ctx = multiprocessing.get_context("spawn")  # a forked child can inherit a lock held by OpenCV's thread pool
     ex = cf.ProcessPoolExecutor(workers, ctx, initializer=_worker, initargs=(os.getpid(),)) if workers > 1 else None
-    results, ok, bad = (ex.map if ex else map)(_safe, [fn] * len(paths), paths), {}, {}
-    for p, (value, err) in tqdm(zip(paths, results), total=len(paths), desc=desc):  # the bar reaches its end
-        (bad if err else ok)[str(p)] = err or value
-    if ex:
-        ex.shutdown()
+    with ex or contextlib.nullcontext():  # the pool shuts down however the loop ends
+        results, ok, bad = (ex.map if ex else map)(_safe, [fn] * len(paths), paths), {}, {}
+        for p, (value, err) in tqdm(zip(paths, results), total=len(paths), desc=desc):  # the bar reaches its end
+            (bad if err else ok)[str(p)] = err or value
     return ok, bad
 
-# ------------------------------------------------------------------------------------------ Frechet distances
 def gaussian_stats(feats, ddof):  # ddof=0 as StyleGAN-V's FVD, ddof=1 (np.cov) as audioldm_eval's FAD
     return (f := np.asarray(feats, np.float64)).mean(0), np.atleast_2d(np.cov(f, rowvar=False, ddof=ddof))
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)). A nearly singular product whose square root is not finite or
-    keeps more than a round-off imaginary part is retried with eps * I added to both; round-off is dropped."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)); eps * I is added to both when S1 S2 is nearly singular."""
     mu1, mu2, s1, s2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    with warnings.catch_warnings():  # a singular product is expected here and handled below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    with warnings.catch_warnings(action="ignore", category=scipy.linalg.LinAlgWarning):  # handled below
         covmean = scipy.linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all() or np.abs(np.imag(covmean)).max() > 1e-3 * max(1.0, np.abs(covmean).max()):
             covmean = scipy.linalg.sqrtm((s1 + eps * np.eye(len(s1))) @ (s2 + eps * np.eye(len(s1))))
@@ -92,8 +79,7 @@ def _weights(path, url, name, flag):  # the given file, else torch's hub cache, 
 
 def load_i3d(path=None, device="cpu"):
     """StyleGAN-V's I3D TorchScript: uint8 clips (B, 3, T, H, W) -> (B, 400) pre-softmax features, called like it."""
-    with warnings.catch_warnings():  # StyleGAN-V ships TorchScript, which torch now calls deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning):  # torch calls TorchScript deprecated
         model = torch.jit.load(str(_weights(path, I3D_URL, "i3d_torchscript.pt", "--i3d")), map_location=device)
     def extract(clips):
         with torch.no_grad():
@@ -133,11 +119,10 @@ def load_vggish(path=None, device="cpu"):
         import torchvggish
     except ImportError:
         raise MetricError("FAD needs the VGGish code: pip install torchvggish") from None
-    net = torchvggish.VGG(torchvggish.make_layers(), postprocess=False)
+    net = torchvggish.VGG(torchvggish.make_layers(), postprocess=False).eval().to(device)
     net.load_state_dict(torch.load(_weights(path, VGGISH_URL, "vggish-10086976.pth", "--vggish"), map_location="cpu",
                                    weights_only=True))  # tensors only: never run a file's pickled code
-    net.embeddings = torch.nn.Sequential(*list(net.embeddings.children())[:-1])  # audioldm_eval: use_activation=False
-    net.eval().to(device)
+    net.embeddings = net.embeddings[:-1]  # audioldm_eval: use_activation=False
     def extract(wave, sr):
         with torch.no_grad():
             return net(torchvggish.waveform_to_examples(wave, sr, return_tensor=True).to(device)).cpu().numpy()
@@ -176,101 +161,75 @@ def imagebind_scores(rows, path=None, device="cpu"):
             scores[key] += [cos(e[a], e[b]).item()] if a in e else []
     return {k: float(np.mean(v)) for k, v in scores.items() if v}
 
-def read_manifest(folder):
-    """{clip stem: caption} from the manifest.jsonl that sample.py writes beside its clips (the reference clip's
-    caption where it sampled from a caption list, else the prompt); {} without one."""
-    path, caps = Path(folder) / "manifest.jsonl", {}
-    if not path.is_file():
-        return caps
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except ValueError:
-            cli.fail(f"{path}:{n}: not a JSON row")
-        if row.get("file") and (row.get("caption") or row.get("prompt")):
-            caps[Path(row["file"]).stem] = row.get("caption") or row.get("prompt")
-    return caps
-
 def main(argv=None):
     """-> the results; exits 1, after writing what it could, when a requested metric could not be computed."""
     ap = cli.Parser(description="Evaluate generated sounding videos: AV-Align, FVD, FAD, ImageBind.")
     ap.add_argument("--gen", required=True, help="folder of generated <name>.mp4 (+ <name>.wav), as sample.py writes")
     ap.add_argument("--ref", help="folder of reference clips (needed for FVD and FAD)")
-    ap.add_argument("--captions", help="file list `<clip path>,<caption>` for IB-TV and IB-TA (default: the "
-                    "captions in --gen's manifest.jsonl)")
-    ap.add_argument("--metrics", action=cli.Listing, default=["av_align", "fvd", "fad", "imagebind"],
-                    help="spaces or commas")  # Table 1: FVD, FAD, AV-Align; Tables 2-3: IB
+    ap.add_argument("--captions", help="`<clip path>,<caption>` list for IB-TV, IB-TA (default: the manifest.jsonl)")
+    ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="any of them")
     ap.add_argument("--seconds", type=cli.number(float, 0), default=4.0, help="clips shorter fail (4 s: Sec. 4.1.2)")
     ap.add_argument("--out", default="results.json", help="JSON file")
     ap.add_argument("--i3d", help="i3d_torchscript.pt of StyleGAN-V (downloaded when missing and online)")
     ap.add_argument("--vggish", help="vggish-10086976.pth of torchvggish (downloaded when missing and online)")
     ap.add_argument("--imagebind", help="imagebind_huge.pth (downloaded when missing and online)")
     ap.add_argument("--workers", type=cli.number(int, 1), default=os.cpu_count(), help="AV-Align processes")
-    ap.add_argument("--seed", type=cli.number(int, 0), default=0, help="FVD: random 16-frame offsets of the real clips")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    if unknown := set(wanted := args.metrics) - {"av_align", "fvd", "fad", "imagebind"}:
-        cli.fail(f"unknown metric(s) {sorted(unknown)}; choose from av_align,fvd,fad,imagebind")
     if not args.out.strip():
         cli.fail("--out: give a file name for the results")
-    for d in (args.gen, args.ref):
-        if d:
-            cli.existing(d, "--gen / --ref", "dir")
-    if not (gen := sorted(Path(args.gen).glob("*.mp4"))):
-        cli.fail(f"no .mp4 files in {args.gen}")
-    caps = read_manifest(args.gen)
-    if args.captions:
-        try:
-            listed = read_captions(args.captions)
-        except ValueError as e:
-            cli.fail(str(e))
-        if not listed:
-            cli.fail(f"--captions {args.captions}: no captions in it")
-        caps.update(listed)
+    if args.ref:
+        cli.existing(args.ref, "--ref", folder=True)
+    if not (gen := sorted(Path(args.gen).glob("*.mp4"))):  # also where --gen is no folder
+        cli.fail(f"--gen {args.gen}: no .mp4 files there")
+    manifest = Path(args.gen) / "manifest.jsonl"  # sample.py's: a JSON row per clip, with its file and prompt
+    try:
+        caps = {Path(r["file"]).stem: r["prompt"] for r in map(json.loads, manifest.read_text().splitlines())}
+    except OSError:  # no manifest: captions only from --captions
+        caps = {}
+    except (ValueError, KeyError, TypeError):
+        cli.fail(f"{manifest} is not sample.py's (a JSON row per clip with its file and prompt)")
+    try:  # --captions over the manifest's
+        caps.update(read_captions(args.captions) if args.captions else [])
+    except ValueError as e:  # it names the file and line
+        cli.fail(str(e))
     ref, res, failed, skipped, per_clip = sorted(Path(args.ref).glob("*.mp4")) if args.ref else [], {}, {}, {}, {}
     def save():  # after each metric, atomically (a temporary file renamed into place): a crash keeps what is done
-        text = json.dumps(dict(results=res, per_clip=per_clip, failed_files=failed, not_computed=skipped,
-                               args=vars(args)), indent=1)
         try:
-            write_text(args.out, text)
-        except DiskFull as e:
-            cli.fail(str(e))
-    try:
-        save()  # first: an unwritable --out fails now, not after the work
-    except OSError as e:
-        cli.fail(f"--out {args.out}: {e.strerror or type(e).__name__}")
-    for name, clips in (("gen", gen), ("ref", ref)) if "av_align" in wanted else ():
-        if clips:
-            t0 = time.perf_counter()
+            write_atomic(args.out, lambda tmp: Path(tmp).write_text(json.dumps(dict(
+                results=res, per_clip=per_clip, failed_files=failed, not_computed=skipped, args=vars(args)), indent=1)))
+        except OSError as e:  # unwritable, disk full: one line
+            cli.fail(f"--out {args.out}: {e.strerror or type(e).__name__}")
+    def av_align_sets():  # each clip in a worker process: the scores per clip, their mean per set and variant
+        for name, clips in [("gen", gen)] + ([("ref", ref)] if ref else []):
             fn = functools.partial(av_align_file, variant=None, seconds=args.seconds)
             per_clip[name], bad = map_clips(fn, clips, args.workers, f"AV-Align {name}")
-            res.update({f"av_align_{v}/{name}": float(np.mean([s[v] for s in per_clip[name].values()]))
-                        if per_clip[name] else None for v in VARIANTS})
-            res[f"av_align_sec_per_clip/{name}"] = (time.perf_counter() - t0) / len(clips)
             failed.update(bad)
-            save()
-    if "av_align" in wanted and res.get("av_align_iou/gen") is None:
-        skipped["av_align"] = "no generated clip could be scored"
-    for name, fn in (("fvd", lambda: fvd(gen, ref, load_i3d(args.i3d, args.device), seed=args.seed)),
-                     ("fad", lambda: fad(gen, ref, load_vggish(args.vggish, args.device))),
-                     ("imagebind", lambda: (imagebind_scores([(p, caps.get(p.stem)) for p in gen], args.imagebind,
-                                                             args.device), {}))):
-        if name in wanted and name != "imagebind" and not ref:
-            skipped[name] = "needs --ref"
-        elif name in wanted:
-            try:
-                value, bad = fn()
-                res.update(value if isinstance(value, dict) else {name: value})
-                failed.update(bad)
-            except Exception as e:  # one metric failing never stops the others
-                skipped[name] = str(e) if isinstance(e, MetricError) else f"{type(e).__name__}: {e}"
-            save()
-    if "imagebind" in wanted and "imagebind" not in skipped and "IB-TV" not in res:
+            res.update({f"av_align_{v}/{name}": float(np.mean([s[v] for s in per_clip[name].values()]))
+                        for v in VARIANTS if per_clip[name]})
+        if not per_clip["gen"]:
+            raise MetricError("no generated clip could be scored")
+        return {}, {}
+    rows = [(p, caps.get(p.stem)) for p in gen]  # (clip, caption or None)
+    jobs = dict(av_align=av_align_sets, fvd=lambda: fvd(gen, ref, load_i3d(args.i3d, args.device)),
+                fad=lambda: fad(gen, ref, load_vggish(args.vggish, args.device)),
+                imagebind=lambda: (imagebind_scores(rows, args.imagebind, args.device), {}))
+    if "imagebind" in args.metrics and not any(c for _, c in rows):
         skipped["IB-TV, IB-TA"] = "no caption for any clip (no manifest.jsonl in --gen with them; give --captions)"
+    save()  # first: an unwritable --out fails now, not after the work
+    for name in [m for m in METRICS if m in args.metrics]:
+        try:
+            if name in ("fvd", "fad") and not ref:
+                raise MetricError("needs --ref")
+            value, bad = jobs[name]()
+            res.update(value if isinstance(value, dict) else {name: value})
+            failed.update(bad)
+        except Exception as e:  # one metric failing never stops the others
+            skipped[name] = str(e) if isinstance(e, MetricError) else f"{type(e).__name__}: {e}"
+        save()
     for k, v in list(failed.items()) + [(f"{k} not computed", v) for k, v in skipped.items()]:
         print(f"{k}: {v}", file=sys.stderr)
-    print(f"{'metric':<36}value\n" + "\n".join(f"{k:<36}{'n/a' if v is None else f'{v:.4f}'}" for k, v in res.items()))
-    save()
+    print(f"{'metric':<36}value\n" + "\n".join(f"{k:<36}{v:.4f}" for k, v in res.items()))
     if skipped:
         print(f"error: not computed: {', '.join(skipped)} (see above); the rest is in {args.out}", file=sys.stderr)
         raise SystemExit(1)

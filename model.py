@@ -1,13 +1,11 @@
 """The joint video-audio noise predictor eps_theta(x_v, x_a, t_v, t_a) of Sec. 3.1 / Fig. 1 and App. A.2.
 
-Two frozen U-Nets (AnimateDiff video, AudioLDM audio). One conditioning block (CMC-PE, Sec. 3.3.2, or the
-cross-attention baseline of Sec. 3.3.1) sits after down_blocks[2], down_blocks[3], up_blocks[0] and up_blocks[1] of
-each U-Net ("the last two down-sampling blocks and the first two up-sampling blocks", App. A.2) and reads the OTHER
-modality's connector sequence. The connectors read only latents (and t), so both sequences are computed first and the
-two U-Nets then run one after the other. Trainable: the added modules and AnimateDiff's motion modules (App. A.2).
-
-The U-Net forwards are re-walked from their public submodules to insert the blocks. Left out of the walk:
-ControlNet/T2I residuals, IP-adapter, GLIGEN, attention masks, cross_attention_kwargs, FreeInit/FreeNoise.
+Two frozen U-Nets (AnimateDiff video, AudioLDM audio). A conditioning block (CMC-PE, Sec. 3.3.2, or the cross-attention
+baseline, Sec. 3.3.1) sits after "the last two down-sampling blocks and the first two up-sampling blocks" (App. A.2)
+of each U-Net and reads the OTHER modality's connector sequence. The connectors read only latents (and t), so both
+sequences come first and the two U-Nets then run one after the other. Trainable: the added modules and AnimateDiff's
+motion modules (App. A.2). The U-Net forwards are re-walked from their public submodules to insert the blocks; left
+out of the walk: ControlNet/T2I residuals, IP-adapter, GLIGEN, attention masks, cross_attention_kwargs, FreeInit.
 """
 import math
 
@@ -25,15 +23,12 @@ POOLS = {"cmcpe": pool_sequence, "crossattn": pool_vector}  # a sequence over ti
 
 
 def unet_walk(unet, h, emb, text, extra, insert=None, ckpt=False):
-    """conv_in .. conv_out of a diffusers U-Net, mirroring UNetMotionModel.forward / UNet2DConditionModel.forward
-    of diffusers 0.42.1 (re-diff them on upgrade); insert(k, h) replaces h after the k-th of POINTS.
-    h: (N, C, H, W) latent (video: frames folded into N); emb: (N, D) time(+class) embedding; text: the
-    encoder_hidden_states (video (N, 77, D), audio None); extra: {"num_frames": F} for the video U-Net, {} for audio.
-    ckpt: recompute each whole block in backward, motion modules included (diffusers' own flag skips those)."""
+    """conv_in .. conv_out as diffusers 0.42.1's UNetMotionModel / UNet2DConditionModel.forward (re-diff on upgrade),
+    h replaced by insert(k, h) after the k-th of POINTS. h (N, C, H, W) (video: frames in N); emb (N, D); text: video
+    (N, 77, D), audio None; extra: {"num_frames": F} or {}. ckpt: recompute blocks (motion modules too) in backward."""
     run = (lambda f, **kw: checkpoint(f, use_reentrant=False, **kw)) if ckpt and torch.is_grad_enabled() else (
         lambda f, **kw: f(**kw))
-    # Sizes that are not a multiple of 2**num_upsamplers (audio rows 100 -> 50, 25, 13) make the up blocks
-    # interpolate to the skip's size instead of doubling (diffusers' forward_upsample_size).
+    # sizes not a multiple of 2**num_upsamplers (audio rows 100 -> 50, 25, 13): up blocks interpolate to the skip's
     forward_upsample_size = any(d % 2 ** unet.num_upsamplers for d in h.shape[-2:])
     h = unet.conv_in(h)
     res = (h,)
@@ -75,8 +70,8 @@ def video_forward(unet, x_v, t_v, text_v, insert=None, ckpt=False):
 
 
 def audio_forward(unet, x_a, t_a, text_a, insert=None, ckpt=False):
-    """AudioLDM's UNet2DConditionModel: x_a (B, 8, rows, 16), t_a (B,), text_a (B, D) CLAP -> eps_a, same shape.
-    Text enters only through the class embedding; its cross-attentions get None and act as self-attentions."""
+    """AudioLDM: x_a (B, 8, rows, 16), t_a (B,), text_a (B, D) CLAP -> eps_a. Text enters only through the class
+    embedding; its cross-attentions get None and act as self-attentions."""
     emb = time_embedding(unet, t_a)  # (B, D_t)
     text = unet.get_class_embed(sample=x_a, class_labels=text_a)  # (B, D_t)
     emb = torch.cat([emb, text], -1) if unet.config.class_embeddings_concat else emb + text  # AudioLDM: concat
@@ -85,13 +80,10 @@ def audio_forward(unet, x_a, t_a, text_a, insert=None, ckpt=False):
 
 class JointModel(nn.Module):
     """eps_theta(x_v, x_a, t_v, t_a) -> (eps_v, eps_a) (Sec. 3.4, Eq. (10)): two frozen base U-Nets + added modules.
-
-    conditioner: "cmcpe" (Sec. 3.3.2) or "crossattn" (Sec. 3.3.1 baseline, Table 1). context_channels: width of the
-    connector sequences (released: 1280, the video U-Net's widest level). head_dim: width of the added attention
-    heads (released: 8). time_align: how CMC-PE maps a context step onto a feature step, "seconds" (ours) or
-    "index" (released; its audio latents are then padded to a multiple of 8 rows, as it was trained). Time spans:
-    a video frame is 1/fps s, an audio latent row sec_per_audio_latent (4 mel hops of 10 ms).
-    """
+    conditioner: "cmcpe" (Sec. 3.3.2) or "crossattn" (Sec. 3.3.1, Table 1). context_channels: the connector sequences'
+    width (released: 1280, the video U-Net's widest). head_dim: the added attention heads' width (released: 8).
+    time_align: "seconds" (ours) or "index" (released; its audio latents padded to a multiple of 8 rows, as trained).
+    A video frame spans 1/fps s, an audio latent row sec_per_audio_latent (4 mel hops of 10 ms)."""
 
     def __init__(self, video_unet, audio_unet, conditioner="cmcpe", fps=8, sec_per_audio_latent=0.04,
                  context_channels=None, head_dim=8, time_align="seconds"):
@@ -125,27 +117,24 @@ class JointModel(nn.Module):
         return [self.connector_v, self.connector_a, self.blocks_v, self.blocks_a]
 
     def trainable_parameters(self):
-        """App. A.2's trainable set, (name, param): the added modules and AnimateDiff's motion layers. Defined by
-        structure, not by the current requires_grad flags (a base-model pre-training stage may have changed them)."""
+        """App. A.2's trainable set, [(name, param)]: the added modules and AnimateDiff's motion layers (by structure,
+        not by the requires_grad flags)."""
         added = {id(p) for module in self.added_modules() for p in module.parameters()}
         return [(name, p) for name, p in self.named_parameters()
                 if id(p) in added or (name.startswith("video_unet.") and "motion_modules" in name)]
 
     def set_trainable(self, stage="joint"):
-        """requires_grad True exactly for what a training stage updates -> {name: param}. "joint": App. A.2's
-        trainable_parameters(); "base": the two base U-Nets (the tiny size's own pre-training, train.py --stage base)."""
-        if stage == "base":
-            params = {n: p for n, p in self.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
-        else:
-            params = dict(self.trainable_parameters())
+        """requires_grad True exactly for what a stage trains -> {name: param}: "joint" App. A.2's trainable_parameters,
+        "base" the two base U-Nets (the tiny size's pre-training, train.py --stage base)."""
+        base = {n: p for n, p in self.named_parameters() if n.startswith(("video_unet.", "audio_unet."))}
+        params = base if stage == "base" else dict(self.trainable_parameters())
         self.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
         return params
 
     def enable_gradient_checkpointing(self):
-        """Recompute activations in backward: every U-Net block (motion modules included), the added blocks and the
-        connectors keep only their inputs for backward (what fits batch 16 on one GPU)."""
+        """Every U-Net block, added block and connector keeps only its inputs for backward (batch 16 on one GPU)."""
         self.gradient_checkpointing = True
 
     def _ckpt(self, module, *args):
@@ -153,30 +142,30 @@ class JointModel(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def contexts(self, x_v, x_a, t_v, t_a, x0_v=None, x0_a=None):
-        """Both connector sequences from the noisy latents and the self-conditioning estimates x0_v, x0_a (x0_hat of
-        Eq. (6) at the previous step; None = zeros): (ctx_v, ctx_a), (B, C, F) and (B, C, rows/2) for CMC-PE, (B, 1, C)
-        each for the cross-attention baseline. They never see text: one call serves both halves of a
-        classifier-free-guidance batch."""
-        pool = POOLS[self.config["conditioner"]]
-        # self-conditioning (Sec. 3.3.2, Chen et al., 2022): each connector reads [x_t ; x0_hat] of its modality
-        z_v = self._ckpt(self.connector_v, x_v, x0_v, time_embedding(self.video_unet, t_v))  # [x_v ; x0_v]
-        z_a = self._ckpt(self.connector_a, x_a, x0_a, time_embedding(self.audio_unet, t_a))  # [x_a ; x0_a]
-        return pool(z_v), pool(z_a)
+    def contexts(self, x_v, x_a, t_v, t_a, x0_v=None, x0_a=None, held=None):
+        """Both connector sequences from the noisy latents and, for self-conditioning (Sec. 3.3.2), x0_v, x0_a (x0_hat
+        of Eq. (6) at the previous step; None = zeros): (B, C, F) and (B, C, rows/2) for CMC-PE, (B, 1, C) each for the
+        baseline. They never see text: one call serves both halves of a classifier-free-guidance batch. held "v" / "a":
+        that modality is given (sample.generate), so the sequence only its own U-Net would read is None."""
+        pool, ctx_v, ctx_a = POOLS[self.config["conditioner"]], None, None
+        if held != "a":
+            ctx_v = pool(self._ckpt(self.connector_v, x_v, x0_v, time_embedding(self.video_unet, t_v)))  # [x_v ; x0_v]
+        if held != "v":
+            ctx_a = pool(self._ckpt(self.connector_a, x_a, x0_a, time_embedding(self.audio_unet, t_a)))  # [x_a ; x0_a]
+        return ctx_v, ctx_a
 
-    def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None, context=None, joint=True):
-        """x_v (B, 4, F, h, w), x_a (B, 8, rows, 16): noisy latents at local timesteps t_v = m(t) - 1,
-        t_a = n(t) - 1 (diffusers indices, (B,) or scalar); text_v (B, 77, D) CLIP states; text_a (B, D) normalised
-        CLAP embedding; x0_v, x0_a: the self-conditioning estimates x0_hat (Eq. (6), previous step) or None;
-        context: contexts() output, if already computed; joint=False: the two base models alone.
-        -> (eps_v, eps_a), shaped like x_v, x_a."""
+    def forward(self, x_v, x_a, t_v, t_a, text_v, text_a, x0_v=None, x0_a=None, context=None, joint=True, held=None):
+        """x_v (B, 4, F, h, w), x_a (B, 8, rows, 16): noisy latents at t_v = m(t) - 1, t_a = n(t) - 1 (diffusers
+        indices, (B,) or scalar); text_v (B, 77, D) CLIP states; text_a (B, D) normalised CLAP embedding; x0_v, x0_a:
+        x0_hat (Eq. (6), previous step) or None; context: contexts(), if already computed; joint=False: the two base
+        models alone; held "v" / "a": that U-Net does not run (its output is None). -> (eps_v, eps_a)."""
         B, num_frames, rows = x_v.shape[0], x_v.shape[2], x_a.shape[2]
         t_v = torch.as_tensor(t_v, device=x_v.device).reshape(-1).expand(B)  # (B,)
         t_a = torch.as_tensor(t_a, device=x_a.device).reshape(-1).expand(B)
         if not joint:
             return (video_forward(self.video_unet, x_v, t_v, text_v, ckpt=self.gradient_checkpointing),
                     audio_forward(self.audio_unet, x_a, t_a, text_a, ckpt=self.gradient_checkpointing))
-        ctx_v, ctx_a = context if context is not None else self.contexts(x_v, x_a, t_v, t_a, x0_v, x0_a)
+        ctx_v, ctx_a = context if context is not None else self.contexts(x_v, x_a, t_v, t_a, x0_v, x0_a, held)
         sec_v, sec_a = 1 / self.config["fps"], self.config["sec_per_audio_latent"]  # seconds per frame / latent row
 
         def insert_v(k, h):  # video features (B*F, C, h, w) see the audio sequence (steps of 2 latent rows)
@@ -186,15 +175,14 @@ class JointModel(nn.Module):
             stride = 2 ** round(math.log2(rows / h.shape[2]))  # rows per feature step: 100 -> 13 is 8
             return self._ckpt(self.blocks_a[k], h, ctx_v, stride * sec_a, sec_v)
 
-        eps_v = video_forward(self.video_unet, x_v, t_v, text_v, insert_v, self.gradient_checkpointing)
-        eps_a = audio_forward(self.audio_unet, x_a, t_a, text_a, insert_a, self.gradient_checkpointing)
+        ckpt = self.gradient_checkpointing
+        eps_v = None if held == "v" else video_forward(self.video_unet, x_v, t_v, text_v, insert_v, ckpt)
+        eps_a = None if held == "a" else audio_forward(self.audio_unet, x_a, t_a, text_a, insert_a, ckpt)
         return eps_v, eps_a
 
 
 def cast_frozen(model, bases, dtype=torch.bfloat16):
-    """Store every frozen weight (the base U-Nets except the motion modules, VAEs, text encoders, vocoder) in dtype
-    and keep the trainable ones in float32: the diffusers examples' convention for --precision bf16 on CUDA (the
-    tiny size's fixed codecs and Griffin-Lim hold no weights). -> bytes saved."""
+    """Every frozen weight in dtype, the trainable ones in float32 (diffusers examples' bf16 on CUDA) -> bytes saved."""
     keep = {id(p) for _, p in model.trainable_parameters()}
     saved = 0
     for p in {id(p): p for part in (model, bases) for p in part.parameters()}.values():
@@ -206,8 +194,8 @@ def cast_frozen(model, bases, dtype=torch.bfloat16):
 
 def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fps=8, time_align="seconds",
                 **base_kwargs):
-    """-> (JointModel, BaseModels). size "tiny" | "full" | "pretrained" (base_models.load_base_models); the joint
-    model holds the base U-Nets themselves (not copies), with only added modules + motion modules trainable."""
+    """-> (JointModel, BaseModels) of size "tiny" | "full" | "pretrained"; the joint model holds the base U-Nets
+    themselves (not copies), with only the added and motion modules trainable."""
     bases = load_base_models(size, device=device, dtype=dtype, fps=fps, **base_kwargs)
     with torch.random.fork_rng(), torch.device(device):  # same initial added modules every build
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ from random (Eq. (7) each). Multi-GPU: `torchrun --nproc_per_node N train.py ...
 A run killed at any instant resumes exactly with --resume (support/checkpoint.py); SIGTERM / Ctrl-C save first and
 exit 143 / 130; a non-finite loss exits 3, bad input 2. Left out: lr warm-up, DeepSpeed.
 """
+import contextlib
 import json
 import math
 import os
@@ -36,13 +37,14 @@ TINY = dict(batch_size=8, lr=1e-3, lr_schedule="cosine", ema_decay=0.995, num_wo
 
 def parse_args(argv=None):
     first = cli.Parser(add_help=False)
-    first.add_argument("--data", default="greatesthits", choices=list(PAPER))
-    first.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"])
+    first.add_argument("--data", default="greatesthits", choices=list(PAPER), help="sets the paper's defaults below")
+    first.add_argument("--size", default="pretrained", choices=["tiny", "full", "pretrained"], help="tiny: the demo")
     known, _ = first.parse_known_args(argv)
     p = cli.Parser(description=__doc__.split("\n")[0], parents=[first])
     p.add_argument("--root", help="folder of prepared clips (data.py prepare)")
     p.add_argument("--flist", help="the official list <clip>,\"<caption>\" (GreatestHits), or the CSV")
     p.add_argument("--vggsound-filter", help="VGGSound: YouTube ids to drop (Sec. 4.2.1: TempoTokens' 60K-clip filter)")
+    p.add_argument("--mel", default="audioldm", choices=["audioldm", "official"], help="log-mel recipe (data.log_mel)")
     p.add_argument("--stage", default="joint", choices=["joint", "base"], help="base: tiny base U-Nets alone (Eq. 7)")
     p.add_argument("--conditioner", default="cmcpe", choices=["cmcpe", "crossattn"], help="Table 1 rows")
     p.add_argument("--time-align", default="seconds", choices=["seconds", "index"],
@@ -52,16 +54,16 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=cli.number(int, 2, 8), help="4-s clips, and AnimateDiff takes at most 32 frames")
     p.add_argument("--batch-size", type=cli.number(int, 1), help="the GLOBAL batch over GPUs and accumulation")
     p.add_argument("--micro-batch", type=cli.number(int, 1), help="clips per GPU per pass (official: 8 GPUs x 1)")
-    p.add_argument("--epochs", type=cli.number(int, 1))
+    p.add_argument("--epochs", type=cli.number(int, 1), help="Sec. 4.1.2, 4.2.2")
     p.add_argument("--max-steps", type=cli.number(int, 1), help="default: --epochs over the data")
-    p.add_argument("--lr", type=cli.number(float, 0, open_lo=True), default=1e-5)  # Sec. 4.1.2
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])  # Sec. 4.1.2: constant
-    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])  # Sec. 4.1.2; official: AdamW, wd 0.01
-    p.add_argument("--max-grad-norm", type=cli.number(float, 0), default=1.0)  # official code; 0: off
-    p.add_argument("--p-self-cond", type=cli.number(float, 0, 1), default=0.5)  # Chen et al. 2022; official code
-    p.add_argument("--p-uncond", type=cli.number(float, 0, 1), default=0.1)  # official --drop_rate_cfg
+    p.add_argument("--lr", type=cli.number(float, 0, open_lo=True), default=1e-5, help="Sec. 4.1.2")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="Sec. 4.1.2: constant")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"], help="Sec. 4.1.2; official: AdamW 0.01")
+    p.add_argument("--max-grad-norm", type=cli.number(float, 0), default=1.0, help="official code; 0: off")
+    p.add_argument("--p-self-cond", type=cli.number(float, 0, 1), default=0.5, help="Chen et al. 2022; official")
+    p.add_argument("--p-uncond", type=cli.number(float, 0, 1), default=0.1, help="caption dropout (official code)")
     p.add_argument("--shared-t", action="store_true", help="one t for both U-Nets (official code), not Sec. 3.4's two")
-    p.add_argument("--ema-decay", type=cli.number(float, 0, 1, open_hi=True), default=0.9999)  # official --use_ema
+    p.add_argument("--ema-decay", type=cli.number(float, 0, 1, open_hi=True), default=0.9999, help="official code")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, else fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--out", help="run folder; default runs/<data>-<size>-<conditioner>")
@@ -71,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--num-clips", type=cli.number(int, 1, 10 ** 6), help="use the first N training clips")
     p.add_argument("--num-workers", type=cli.number(int, 0, 64), default=4, help="data loader processes")
     p.add_argument("--seed", type=cli.number(int, 0, 2 ** 63 - 1), default=0, help="data order, noise, timesteps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="one GPU per process (torchrun)")
     p.set_defaults(**{**PAPER[known.data], **(TINY if known.size == "tiny" else {})})
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -128,24 +131,22 @@ def main(argv=None):
     args = parse_args(argv)
     stop = []  # SIGINT / SIGTERM: the loop finishes its step, saves it and exits 128 + signal
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train(args, stop)
+    try:  # rank 0 holds the run folder's lock while it trains
+        with checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args) if args.rank == 0 else \
+                contextlib.nullcontext():
+            train(args, stop)
+    except checkpoint.CheckpointError as e:
+        cli.fail(str(e))
     finally:
         for s, h in handlers.items():  # a library caller gets its handlers back
             signal.signal(s, h)
 
 
 def train(args, stop):
-    if args.rank == 0:
-        cli.writable_dir(args.out, "--out")
-        try:
-            lock = checkpoint.open_run(args.out, vars(args), args.resume, args.allow_changed_args)  # noqa: F841
-        except checkpoint.CheckpointError as e:
-            cli.fail(str(e))
     try:  # the data before the weights: a bad --root fails in seconds, not after minutes of loading
         dataset = build_dataset(args.data, "train", root=args.root, flist=args.flist, fps=args.fps,
                                 size=64 if args.size == "tiny" else 256, num_clips=args.num_clips,
-                                id_filter=args.vggsound_filter)
+                                id_filter=args.vggsound_filter, mel=args.mel)
     except ValueError as e:
         cli.fail(str(e))
     if len(dataset) < args.batch_size:
@@ -175,10 +176,7 @@ def train(args, stop):
     ema = EMAModel(params.values(), decay=args.ema_decay)  # diffusers' EMA, as the official --use_ema
     step = saved = 0
     if args.resume and (folder := checkpoint.latest(args.out)):
-        try:
-            step = saved = checkpoint.resume(folder, params, ema, opt, scaler)
-        except checkpoint.CheckpointError as e:
-            cli.fail(str(e))
+        step = saved = checkpoint.resume(folder, params, ema, opt, scaler)
         print(f"resumed from {folder}", flush=True)
     net = model if args.world_size == 1 else torch.nn.parallel.DistributedDataParallel(model)  # grads: GPUs' mean
     data = training.global_batches(dataset, args.seed, args.world_size, args.rank, args.micro_batch,
@@ -208,7 +206,7 @@ def train(args, stop):
             info = {k: info.get(k, []) + v for k, v in part.items()}
         loss_v, loss_a = (sum(info[k]) / len(info[k]) for k in ("loss_v", "loss_a"))
         if not math.isfinite(loss_v + loss_a):
-            print(f"error: step {step + 1}: the loss is {loss_v + loss_a} (try a lower --lr); the last checkpoint "
+            print(f"\nerror: step {step + 1}: the loss is {loss_v + loss_a} (try a lower --lr); the last checkpoint "
                   "is kept", file=sys.stderr)
             sys.exit(3)
         if args.max_grad_norm > 0:  # official code: clip at 1.0

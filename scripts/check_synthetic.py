@@ -1,31 +1,25 @@
-"""Does AV-Align see alignment in the synthetic clips, and what survives the tiny codec? Prints a Markdown table.
+"""Does AV-Align (App. A.4) see alignment in the synthetic clips, and what survives the tiny codec? A Markdown table.
 
-  python scripts/check_synthetic.py [--num-clips 64] [--split test] [--bases weights/tiny_bases.safetensors]
+  python -m scripts.check_synthetic [--num-clips 64] [--split test] [--bases weights/tiny_bases.safetensors]
 
-Rows: the real pairs (raw frames, and after the mp4 round trip that sample.py's files go through), the same pairs
-with the audio shifted by one frame or 0.5 s or taken from another clip (what misalignment scores), and the real
-clips through the tiny video codec (8x8 average pooling, decoded by nearest upsampling: the ceiling of what a tiny
-video model can show). --bases adds the clips that tiny base models generate alone for the same captions (the
-joint model with its identity added modules, gamma 1, T = 25, guidance 7.5 / 2.5, noise seeds 10**4 + i): how much
-the video model flickers, as flow peaks. Columns: AV-Align (the paper's IoU variant, App. A.4) and flow peaks per clip.
+Rows: real pairs (raw, and after sample.py's mp4 round trip), their audio shifted by one frame or 0.5 s or from
+another clip, real clips through the tiny video codec (a tiny video model's ceiling), and with --bases what tiny base
+models generate alone for the captions (gamma 1, T = 25). Left out: trained joint models (scripts/reproduce.py).
 """
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, as a reader runs them
-from support import cli  # noqa: E402
-import av_align  # noqa: E402
-from support.tiny import PoolVideoAE  # noqa: E402
-from support.media import write_mp4  # noqa: E402
-from support.synthetic import TEST_SEED  # noqa: E402
-from support.synthetic import synthetic_clip  # noqa: E402
-
-FPS, SR = 8, 16000
+import av_align
+from model import build_model
+from sample import generate_clips
+from support import cli
+from scripts.reproduce import FPS, NOISE, SEEDS
+from support.media import SR, write_mp4
+from support.synthetic import synthetic_clip
+from support.tiny import PoolVideoAE
 
 
 def codec(frames):
@@ -42,28 +36,23 @@ def mp4_round_trip(frames, audio):
         return av_align.read_video(os.path.join(d, "c.mp4"))[0]
 
 
-def base_samples(path, clips, batch=8):
-    """-> (frames list, audio list) that the tiny base models at `path` generate for the clips' captions."""
-    from model import build_model
-    from sample import generate
+def base_samples(path, clips):
+    """-> (frames, waveforms) that the tiny base models at `path` generate alone for the clips' captions."""
     model, bases = build_model("tiny", tiny_bases=path)  # added modules at their identity init: the bases alone
-    frames, audio = [], []
-    for i in range(0, len(clips), batch):
-        caps = [c["caption"] for c in clips[i:i + batch]]
-        x_v, x_a = generate(model.eval(), bases, caps, [10 ** 4 + i + j for j in range(len(caps))], gamma=1.0, bar=False)
-        frames += list(bases.decode_video(x_v).numpy())
-        audio += list(bases.decode_audio(x_a).numpy())
-    return frames, audio
+    res = generate_clips(model.eval(), bases, [c["caption"] for c in clips], gamma=1.0, generator=NOISE,
+                         batch_size=8, progress=False)
+    return list(res["frames"]), list(res["audios"])
 
 
 def main(argv=None):
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-clips", type=int, default=64)
-    p.add_argument("--split", default="test", choices=["test", "val"])  # val: seeds 5 * 10**5.., as reproduce.py
+    p.add_argument("--num-clips", type=cli.number(int, 1, 10 ** 4), default=64)
+    p.add_argument("--split", default="test", choices=["test", "val"])  # the held-out clips of reproduce.py
     p.add_argument("--bases", help="tiny base models (.safetensors) whose own samples to add as a row")
     a = p.parse_args(argv)
-    first = TEST_SEED if a.split == "test" else 5 * 10 ** 5
-    clips = [synthetic_clip(s) for s in range(first, first + a.num_clips)]
+    if a.bases:
+        cli.existing(a.bases, "--bases")
+    clips = [synthetic_clip(s) for s in range(SEEDS[a.split], SEEDS[a.split] + a.num_clips)]
     shift = lambda w, sec: np.roll(w, round(sec * SR))  # noqa: E731  (wraps around: the clip keeps its hit count)
     rows = {"real pairs, raw frames": [(c["frames"], c["audio"]) for c in clips],
             "real pairs, after the mp4 round trip": [(mp4_round_trip(c["frames"], c["audio"]), c["audio"])

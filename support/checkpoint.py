@@ -103,24 +103,30 @@ def read_config(folder):
 def open_run(out, config, resume, allow_changed):
     """Before any model loads: lock the run folder; checkpoints in it only with `resume`, and then only with the same
     arguments (config: the new run's, as a dict). -> the lock (held while the file stays open)."""
-    lock = open(os.path.join(out, ".lock"), "a")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(f"{out} is in use by another process; wait for it to finish or choose another --out")
-    for tmp in glob.glob(os.path.join(glob.escape(out), "checkpoint-*.tmp")):  # a killed save: ours, unfinished
-        shutil.rmtree(tmp)
-    folder = latest(out)
-    if folder and not resume:
-        raise CheckpointError(f"{out} already holds {os.path.basename(folder)}; continue it with --resume or choose "
-                              "another --out")
-    if folder and not allow_changed:
-        old = read_config(folder)
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a")
+    except OSError as e:
+        raise CheckpointError(f"--out: cannot write to {out} ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when the process ends, however
+        for tmp in glob.glob(os.path.join(glob.escape(out), "checkpoint-*.tmp")):  # a killed save: ours, unfinished
+            shutil.rmtree(tmp)
+        folder = latest(out)
+        if folder and not resume:
+            raise CheckpointError(f"{out} already holds {os.path.basename(folder)}; continue it with --resume or "
+                                  "choose another --out")
+        old = read_config(folder) if folder and not allow_changed else config
         changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in config.items()
                    if k not in MAY_CHANGE and old.get(k) != v]
         if changed:
             raise CheckpointError(f"--resume would change the run: {'; '.join(changed)} (--allow-changed-args "
                                   "accepts that)")
+    except BaseException as e:
+        lock.close()  # now, not when the traceback goes
+        if isinstance(e, BlockingIOError):
+            raise CheckpointError(f"{out} is in use by another process; wait for it or choose another --out") from None
+        raise
     return lock
 
 

@@ -50,11 +50,8 @@ def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
 
 def existing(path, what, folder=False):
     """Fail unless `path` is an existing file (or folder)."""
-    noun = "folder" if folder else "file"
-    if path is None:
-        fail(f"{what} is required here: give a {noun}")
-    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
-        fail(f"{what}: {path} is not an existing {noun}")
+    if not (os.path.isdir(path or "") if folder else os.path.isfile(path or "")):
+        fail(f"{what}: {path} is not an existing {'folder' if folder else 'file'}")
 
 
 def writable_dir(path, what):

@@ -1,20 +1,9 @@
-"""A Python entry point in diffusers' manner: load a trained model, generate sounding videos (Algorithm 1), save them.
-
-    import torch
-    from diffusers.utils import export_to_video
-    from pipeline import SoundingVideoPipeline
-    pipe = SoundingVideoPipeline.from_pretrained("runs/synthetic-tiny-cmcpe")     # or a released pipe/ folder
-    out = pipe("A person is hitting a red wooden box with a stick.", gamma=1.5, generator=0)
-    out.frames.shape, out.audios.shape               # (1, 32, 64, 64, 3) float in [0, 1], (1, 64000) float32 16 kHz
-    export_to_video(out.frames[0], "box.mp4", fps=out.fps)                         # diffusers' writer: no sound
-    pipe.save("out/notebook", out)                                                 # mp4 with sound + wav
-    out.seeds                                        # [0]: generator=out.seeds[k] alone gives clip k again
-
-Names as diffusers' pipelines: guidance_scale (video) and audio_guidance_scale (LTX-2's split), num_videos_per_prompt,
-generator (an int, a torch.Generator whose state is drawn from, or one per clip), output_type, return_dict,
-torch_dtype, .to(device); gamma is the paper's. Everything else is read from the run's stored config or the released
-folder (support/loading.py). Algorithm 1 itself is sample.generate. Not in the paper: an engineering wrapper.
+"""A Python entry point in diffusers' manner: load a trained model, generate sounding videos (Algorithm 1, or Sec. 3.4's
+conditional case with video= / audio=), save them. diffusers' names: guidance_scale (video), audio_guidance_scale
+(LTX-2's split), num_videos_per_prompt, generator, output_type, return_dict, torch_dtype, .to(device); gamma is the
+paper's. The rest comes from the run's stored config or the released folder (support/loading.py). Not in the paper.
 """
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,15 +14,25 @@ from sample import generate_clips
 from support.loading import load
 from support.media import save_clips
 
-OUTPUT_TYPES = ("np", "pt", "uint8", "latent")
+MAX_SEED = 2 ** 63 - 1  # what torch.Generator.manual_seed takes (sample.py --seed)
+
+
+def clip_seeds(generator, n):
+    """One seed per clip, so that generator=seeds[k] alone regenerates clip k: an int s gives s + k, a torch.Generator
+    n draws from its state (which advances, as in diffusers), a list one draw from each, None a random start."""
+    if isinstance(generator, (torch.Generator, list, tuple)):
+        gens = [generator] * n if isinstance(generator, torch.Generator) else list(generator)
+        if len(gens) != n:
+            raise ValueError(f"a list of {len(gens)} generators for {n} clips: give one per clip")
+        return [int(torch.randint(0, MAX_SEED, (), generator=g)) for g in gens]
+    s = random.SystemRandom().randrange(MAX_SEED + 1) if generator is None else generator
+    return [(s + k) % (MAX_SEED + 1) for k in range(n)]
 
 
 @dataclass
 class SoundingVideoPipelineOutput(BaseOutput):
-    """frames: "np" (B, F, H, W, 3) float32 numpy in [0, 1] (what diffusers.utils.export_to_video takes), "uint8" the
-    same in 0..255, "pt" a float tensor (B, F, 3, H, W) in [0, 1], "latent" x_v (B, 4, F, h, w). audios: (B, N)
-    float32 waveforms at sample_rate (numpy, or a tensor for "pt"), or x_a for "latent". seeds[k] regenerates clip k
-    alone (generator=seeds[k]). Dict access works too: out["frames"]."""
+    """frames: "np" (B, F, H, W, 3) float32 in [0, 1] (as export_to_video takes them), "uint8", "pt" (B, F, 3, H, W) or
+    "latent" x_v; audios: (B, N) float32 at sample_rate, or x_a. generator=seeds[k] regenerates clip k alone."""
     frames: np.ndarray | torch.Tensor
     audios: np.ndarray | torch.Tensor
     fps: int | None = None
@@ -45,62 +44,47 @@ class SoundingVideoPipelineOutput(BaseOutput):
 class SoundingVideoPipeline:
     def __init__(self, model, bases, source):
         self.model, self.bases, self.source = model.eval(), bases, source  # source: what was loaded, for the record
+        self.device, self.dtype = bases.device, model.video_unet.conv_in.weight.dtype  # of the frozen weights
 
     @classmethod
     def from_pretrained(cls, path=None, torch_dtype=torch.float32, device="cpu", ema=True, size="pretrained",
                         video_size=None):
-        """path: a run folder written by train.py, a released pipe/ folder, or None (support/loading.load).
-        torch_dtype: of the frozen weights (bf16 halves them); the call then runs under autocast in it."""
+        """path: a train.py run, a released pipe/ folder, or None (support/loading.load). torch_dtype: the frozen
+        weights' (bf16 halves them; calls then run under autocast in it; the added modules stay float32)."""
         return cls(*load(path, device, torch_dtype or torch.float32, ema, size, video_size))
 
     def to(self, device):
         self.model.to(device)
-        self.bases.to(device)
+        self.device = self.bases.to(device).device
         return self
-
-    @property
-    def device(self):
-        return self.bases.device
-
-    @property
-    def dtype(self):
-        """The frozen weights' dtype (from_pretrained's torch_dtype); the added modules stay float32."""
-        return self.model.video_unet.conv_in.weight.dtype
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=None, gamma=1.5, guidance_scale=7.5,
                  audio_guidance_scale=2.5, num_videos_per_prompt=1, generator=None, latents=None, seconds=4,
-                 batch_size=4, grid="paper", output_type="np", return_dict=True, progress=True):
-        """prompt, negative_prompt: a string or a list (one negative per prompt). num_inference_steps: T (25 on the
-        paper's grid, Sec. 4.1.2; 50 on the official one). guidance_scale 7.5 (video), audio_guidance_scale 2.5
-        (Sec. 4.1.2). generator: an int s (clip k from seed s + k), a torch.Generator (seeds drawn from its state),
-        a list of one per clip, or None. latents: (x_v, x_a) initial noise for all clips. grid: "paper" | "official"
-        (sample.generate). -> SoundingVideoPipelineOutput, or (frames, audios) with return_dict=False."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r}: one of {', '.join(OUTPUT_TYPES)}")
-        amp = None if self.dtype == torch.float32 else self.dtype  # bf16 / fp16 frozen weights: autocast to them
+                 batch_size=4, grid="paper", output_type="np", return_dict=True, progress=True, video=None, audio=None):
+        """prompt, negative_prompt: a string or a list (one per prompt). num_inference_steps: T (25, Sec. 4.1.2; the
+        official grid's 50). latents: (x_v, x_a), initial noise. Sec. 3.4: video= frames ((F, H, W, 3) uint8 or float
+        in [0, 1], or PIL images) get a sound, audio=(waveform, sample_rate) a video; both cut or padded to `seconds`.
+        -> SoundingVideoPipelineOutput, or (frames, audios) with return_dict=False."""
+        if output_type not in ("np", "pt", "uint8", "latent"):
+            raise ValueError(f"output_type {output_type!r}: one of np, pt, uint8, latent")
+        seeds = clip_seeds(generator, (1 if isinstance(prompt, str) else len(prompt)) * num_videos_per_prompt)
         res = generate_clips(self.model, self.bases, prompt, negative_prompt, num_inference_steps, gamma,
-                             guidance_scale, audio_guidance_scale, generator, num_videos_per_prompt, seconds,
-                             batch_size, amp, progress, grid, latents, decode=output_type != "latent")
+                             guidance_scale, audio_guidance_scale, seeds, num_videos_per_prompt, seconds, batch_size,
+                             None if self.dtype == torch.float32 else self.dtype, progress, grid, latents,
+                             output_type != "latent", video, audio)
         frames, audios = res["frames"], res["audios"]
-        if output_type == "np":
+        if output_type in ("np", "pt"):  # float in [0, 1], as diffusers' video processor gives them
             frames = frames.astype(np.float32) / 255
-        elif output_type == "pt":  # (B, F, H, W, 3) -> (B, F, 3, H, W), as diffusers' video processor
-            frames, audios = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255, torch.from_numpy(audios)
+        if output_type == "pt":  # (B, F, H, W, 3) -> (B, F, 3, H, W)
+            frames, audios = torch.from_numpy(frames).permute(0, 1, 4, 2, 3), torch.from_numpy(audios)
         if not return_dict:
             return frames, audios
-        return SoundingVideoPipelineOutput(frames, audios, res["fps"], res["sample_rate"], res["prompts"],
-                                           res["seeds"])
+        return SoundingVideoPipelineOutput(frames, audios, res["fps"], res["sample_rate"], res["prompts"], res["seeds"])
 
     def save(self, out, result, names=None):
-        """Write each clip of a call's output ("np", "uint8" or "pt") as <name>.mp4 (H.264 + AAC, plays in a
-        browser) and <name>.wav into out/ (diffusers' exporters write no sound). -> the mp4 paths."""
-        frames, audios = result["frames"], result["audios"]
-        if isinstance(frames, torch.Tensor):  # "pt": (B, F, 3, H, W) -> (B, F, H, W, 3)
-            frames, audios = frames.permute(0, 1, 3, 4, 2).cpu().numpy(), audios.cpu().numpy()
-        if frames.ndim != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"frames of shape {tuple(frames.shape)}: save takes decoded clips, not latents")
-        if frames.dtype != np.uint8:  # [0, 1] -> 0..255, as diffusers' numpy_to_pil
-            frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-        return save_clips(out, dict(frames=frames, audios=np.asarray(audios, np.float32), fps=result["fps"],
-                                    sample_rate=result["sample_rate"]), names)
+        """An output's clips as <name>.mp4 (H.264 + AAC) and .wav (diffusers' exporters write no sound) -> the paths"""
+        frames = result["frames"]
+        frames = frames.permute(0, 1, 3, 4, 2).numpy() if isinstance(frames, torch.Tensor) else frames  # "pt"
+        frames = frames if frames.dtype == np.uint8 else (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        return save_clips(out, dict(result, frames=frames, audios=np.asarray(result["audios"], np.float32)), names)

@@ -1,43 +1,24 @@
-"""A base model with another noise schedule, without retraining: the controlled mismatch of scripts/gamma_mismatch.py,
-which tests the premise of Eq. (8) (Sec. 3.2.2) by making one modality clean at another pace on purpose.
-
-A diffusion model sees its noisy latent only through the signal-to-noise ratio SNR(k) = alpha_bar_k / (1 - alpha_bar_k)
-of its timestep (Kingma et al., 2021, "Variational Diffusion Models"), and scaling the latents by c multiplies the SNR
-by c^2. `retime(unet, alphas_cumprod, s)` turns a frozen U-Net into the model of the schedule whose SNR is s times
-its own at every timestep: alpha_bar'_k with log SNR'(k) = log SNR(k) + ln s, and the U-Net called at the
-(continuous) index tau(k) where its own schedule has that SNR. s > 1: cleaner at every timestep than before (its
-Fig. 2 curve falls earlier); s < 1: noisier. s = 16 is what latents scaled by 4 give. Where tau would leave the
-U-Net's trained range [0, T - 1] it is clamped, and alpha_bar' there is the clamped level's, so that schedule and
-network always agree.
-Not in the paper: an experimental control. A network really trained on the new schedule would also differ by its
-training (its noise draws, and how often each noise level is drawn); this one differs only by the relabelled timestep.
-"""
+"""A base model on another noise schedule, without retraining (scripts/gamma_mismatch.py tests Eq. (8)'s premise,
+Sec. 3.2.2): a diffusion model sees its latent only through SNR = alpha_bar / (1 - alpha_bar) (Kingma et al., 2021),
+so s times the SNR is the same U-Net called at the index tau of that SNR, clamped to [0, T - 1]. Not in the paper."""
 import numpy as np
 import torch
 import torch.nn as nn
 
 
-def log_snr(alphas_cumprod):
-    a = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.log(a) - np.log1p(-a)
-
-
 def retimed_schedule(alphas_cumprod, s):
-    """(T,) alphas_cumprod of a U-Net, scale s > 0 -> (tau (T,) float64: the U-Net's own index for each new index,
-    new alphas_cumprod (T,) float64)."""
+    """(T,) alphas_cumprod, scale s > 0 -> (tau (T,): the U-Net's own index per new index, new alphas_cumprod (T,))."""
     if not s > 0:
         raise ValueError(f"the SNR scale must be > 0, got {s}")
-    own = log_snr(alphas_cumprod)  # decreasing in the index
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    own = np.log(a) - np.log1p(-a)  # log SNR, decreasing in the index
     index = np.arange(len(own), dtype=np.float64)
     tau = np.interp(-(own + np.log(s)), -own, index)  # np.interp wants increasing x: -log SNR; clamps at the ends
-    snr = np.interp(tau, index, own)  # the level the U-Net is really called at (differs only where clamped)
-    return tau, 1 / (1 + np.exp(-snr))  # alpha_bar = sigmoid(log SNR)
+    return tau, 1 / (1 + np.exp(-np.interp(tau, index, own)))  # sigmoid(log SNR) where the U-Net is called: they agree
 
 
 class RetimedProj(nn.Module):
-    """A U-Net's time_proj (sinusoidal timestep features) called at tau(t) instead of t: linear interpolation of tau
-    between integer indices, so any float index works. tau is a plain float64 attribute, not a buffer: a dtype cast
-    of the U-Net (fp16 / bf16) must not round the timesteps."""
+    """time_proj at tau(t), linear between integer indices; tau float64, not a buffer: dtype casts must not round it."""
 
     def __init__(self, proj, tau):
         super().__init__()
@@ -52,9 +33,8 @@ class RetimedProj(nn.Module):
 
 
 def retime(unet, alphas_cumprod, s):
-    """In place: unet.time_proj -> RetimedProj and alphas_cumprod (the BaseModels buffer) -> the new schedule."""
-    if s == 1:
-        return
-    tau, new = retimed_schedule(alphas_cumprod.cpu(), s)
-    unet.time_proj = RetimedProj(unet.time_proj, tau)
-    alphas_cumprod.copy_(torch.from_numpy(new))
+    """In place, for s != 1: unet.time_proj -> RetimedProj, alphas_cumprod (a BaseModels buffer) -> the new schedule."""
+    if s != 1:
+        tau, new = retimed_schedule(alphas_cumprod.cpu(), s)
+        unet.time_proj = RetimedProj(unet.time_proj, tau)
+        alphas_cumprod.copy_(torch.from_numpy(new))

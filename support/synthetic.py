@@ -1,8 +1,7 @@
-"""The offline stand-in for GreatestHits (Sec. 4.1.1): procedurally generated sounding videos in which an object
-is hit by a stick and every hit is heard exactly at its frame, the material setting the sound and the caption naming
-colour, material and shape ("A person is hitting a red wooden box with a stick."). Not in the paper: it lets the
-tiny models of the CPU demo learn something whose alignment can be measured (metrics.av_align), since the real
-dataset and weights cannot be downloaded here. Left out: people, camera motion, backgrounds other than a wall.
+"""The offline stand-in for GreatestHits (Sec. 4.1.1): procedurally generated sounding videos in which an object is
+hit by a stick and every hit is heard exactly at its frame, the material setting the sound and the caption naming
+colour, material and shape ("A person is hitting a red wooden box with a stick."). Not in the paper: the tiny CPU demo
+learns from it an alignment that can be measured (av_align.py). Left out: people, camera motion, backgrounds.
 """
 import math
 import os
@@ -27,7 +26,6 @@ MATERIALS = dict(wooden=((150, 350), (1, 2.76, 5.4), (0.08, 0.04, 0.02), 0.5),
 # down, slower back up, so the frame-to-frame motion (AV-Align's optical flow) peaks strictly at k even for hits 4
 # frames apart; steps stay <= 8 px, which Farneback tracks at this size (it collapses on jumps of 10 px or more)
 STROKE = (1, 3, 6, 14, 9, 5, 2)
-
 
 def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
     """A seeded sounding video: a <colour> <material> <shape> hit by a stick; a hit at frame k sounds at k / fps."""
@@ -78,18 +76,15 @@ def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
     caption = f"A person is hitting a {colour} {material} {shape} with a stick."
     return dict(frames=frames, audio=audio, caption=caption, hit_times=[k / fps for k in hits])
 
-
 def write_synthetic(out, num, fps=8, size=64, split="test"):
     """Synthetic clips as files: <name>.mp4 (with sound) + <name>.wav and captions.txt (the official list format),
     e.g. a reference folder for metrics.py --ref (held-out test seeds by default)."""
     os.makedirs(out, exist_ok=True)
-    seeds = range(TEST_SEED if split == "test" else 0, (TEST_SEED if split == "test" else 0) + num)
-    lines = []
-    with tqdm(seeds, desc=f"writing {num} synthetic clips") as bar:  # closed before an error line, whatever fails
-        for s in bar:
-            c, name = synthetic_clip(s, size, fps), f"synth_{s:07d}"
-            write_wav(os.path.join(out, name + ".wav"), c["audio"])
-            write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
-            lines.append(f'{name}.mp4,"{c["caption"]}"\n')
+    first, lines = TEST_SEED if split == "test" else 0, []
+    for s in tqdm(range(first, first + num), desc=f"writing {num} synthetic clips"):
+        c, name = synthetic_clip(s, size, fps), f"synth_{s:07d}"
+        write_wav(os.path.join(out, name + ".wav"), c["audio"])
+        write_mp4(os.path.join(out, name + ".mp4"), c["frames"], fps, c["audio"])
+        lines.append(f'{name}.mp4,"{c["caption"]}"\n')
     open(os.path.join(out, "captions.txt"), "w").write("".join(lines))
     print(f"wrote {num} clips (.mp4 + .wav) and captions.txt to {out}")

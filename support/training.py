@@ -1,11 +1,8 @@
-"""What train.py's loop needs besides the paper: random streams per sample, the global batch's split and data order.
-Not in the paper; Sec. 4.1.2 gives only Adam, lr, batch and epochs.
-
-Every draw of sample j of a step (caption dropout, VAE latent, t_v, t_a, eps) comes from its own generator, seeded by
-(seed, step, j) with j its index in the step's GLOBAL batch, and epoch e's data order is a permutation seeded by
-(seed, e). So a step depends on the step number alone (a resumed run continues exactly), and it is the same on 1 or
-8 GPUs, with or without gradient accumulation.
-"""
+"""What train.py's loop needs besides the paper (Sec. 4.1.2 gives only Adam, lr, batch and epochs): every draw of
+sample j of a step (caption dropout, VAE latent, t_v, t_a, eps) comes from its own generator seeded by (seed, step, j),
+j its index in the step's GLOBAL batch, and epoch e's data order is a permutation seeded by (seed, e). So a step
+depends on its number alone (a resumed run continues exactly) and is the same on 1 or 8 GPUs, with or without
+gradient accumulation."""
 import contextlib
 import hashlib
 import math
@@ -20,7 +17,7 @@ def stream_seed(*key):
 
 
 class SampleStreams:
-    """The random streams of samples offset .. offset + B - 1 of step `step`'s global batch: one value per sample."""
+    """The random streams of samples offset .. offset + B - 1 of a step's global batch: one value per sample."""
 
     def __init__(self, seed, step, offset, batch, device):
         self.seed, self.step, self.device = seed, step, device

@@ -54,6 +54,18 @@ def test_log_mel_matches_librosa():
     assert ours.min() >= np.log(1e-5) - 1e-6
 
 
+def test_official_mel_recipe_reaches_the_items():
+    """build_dataset(mel="official"): the released training code's log-mel of the raw waveform (tests/test_audio_path.py
+    checks the recipe itself against librosa); the default stays AudioLDM's of the normalised one."""
+    raw = synthetic.synthetic_clip(0)["audio"]
+    official = data.build_dataset("synthetic", "train", num_clips=1, mel="official")[0]["mel"]
+    assert torch.equal(official[0], data.log_mel(raw, "official")) and official.shape == (1, 400, 64)
+    default = data.build_dataset("synthetic", "train", num_clips=1)[0]["mel"]
+    assert torch.equal(default[0], data.log_mel(data.normalize_wav(raw))) and not torch.equal(default, official)
+    with pytest.raises(ValueError, match="mel 'hifigan'"):
+        data.build_dataset("synthetic", "train", mel="hifigan")
+
+
 def test_normalize_wav():
     w = data.normalize_wav(np.random.default_rng(0).uniform(-0.1, 0.3, 1000))
     assert abs(w.mean()) < 1e-9 and abs(np.abs(w).max() - 0.5) < 1e-6
@@ -148,18 +160,6 @@ def test_read_clip_timing_from_30fps_source(tmp_path):
     shown = [sum(int(f[16, 16 * b + 8, 0] > 127) << b for b in range(8)) for f in got]
     assert shown == [int(np.floor((0.5 + k / 8) * 30 + 1e-9)) for k in range(32)]
     assert abs(int(np.argmax(np.abs(a) > 0.3)) - 32000) <= 2
-
-
-def test_writers_replace_files_and_links_never_write_through(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    for name, write in (("a.wav", lambda p: media.write_wav(p, np.zeros(160))),
-                        ("a.mp4", lambda p: media.write_mp4(p, np.zeros((4, 16, 16, 3), np.uint8), 8, np.zeros(8000)))):
-        os.symlink(victim, tmp_path / name)
-        write(tmp_path / name)
-        assert victim.read_text() == "precious" and not (tmp_path / name).is_symlink()
-        assert (tmp_path / name).stat().st_size > 100
-    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "a.wav", "victim.txt"]  # no temporary file left
 
 
 # ---------------------------------------------------------------- file lists and datasets
@@ -264,14 +264,12 @@ def test_prepare_cuts_exact_windows(tmp_path, capsys):
     (["prepare", "--fps", "1e9"], "--fps: 1e9 is outside [1, 60]"),  # ffmpeg filled 22.5 GB in 55 s at 1e9
     (["prepare", "--fps", "0.5"], "--fps"), (["prepare", "--fps", "nan"], "--fps"),
     (["prepare", "--size", "4096"], "--size: 4096 is outside"), (["prepare", "--size", "100"], "a multiple of 8"),
-    (["prepare", "--workers", "0"], "--workers"), (["prepare", "--workers", "100000"], "--workers"),
     (["synthetic", "--num-clips", "1000000000000"], "--num-clips: 1000000000000 is outside"),  # 8 TB of seeds
     (["synthetic", "--fps", "1"], "--fps: 1 is outside [2, 60]"), (["synthetic", "--fps", "61"], "--fps"),
-    (["synthetic", "--num-clips", "1000000", "--size", "512"], "GiB, more than")])  # more than the disk holds
+    (["synthetic", "--num-clips", "10001"], "--num-clips: 10001 is outside")])  # ~5 GB at most
 def test_bad_cli_input_one_line_exit_2_before_any_work(argv, why, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("prepare started"))
     monkeypatch.setattr(data, "write_synthetic", lambda *a, **k: pytest.fail("writing started"))
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 12, 0, 10 ** 11))
     extra = ["--src", str(tmp_path)] if argv[0] == "prepare" else []
     with pytest.raises(SystemExit) as e:
         data.main(argv + extra + ["--out", str(tmp_path / "out")])
@@ -283,7 +281,7 @@ def test_bad_cli_input_one_line_exit_2_before_any_work(argv, why, tmp_path, monk
                                      (dict(fps=10 ** 9), "fps 1000000000 is outside .2, 60. for synthetic"),
                                      (dict(size=17), "size 17")])
 def test_datasets_refuse_settings_they_cannot_take(kw, why):
-    """train.py and support/cache.py build their data here: the same ranges hold for them."""
+    """train.py builds its data here: the same ranges hold for it."""
     with pytest.raises(ValueError, match=why):
         data.build_dataset("synthetic", "train", **kw)
     assert len(data.build_dataset("synthetic", "train", num_clips=data.MAX_CLIPS)) == data.MAX_CLIPS  # lazy: no memory

@@ -394,7 +394,7 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
     write_clip(ref / "c.mp4", make_frames(seed=2), make_audio([t + 0.5 for t in HIT_TIMES]))
     out = tmp_path / "results.json"
     with pytest.raises(SystemExit) as e:  # FAD's weights (and ImageBind) are missing: written, then exit 1
-        metrics.main(["--gen", str(gen), "--ref", str(ref), "--out", str(out), "--workers", "2", "--i3d",
+        metrics.main(["--gen", str(gen), "--ref", str(ref), "--out", str(out), "--workers", "1", "--i3d",
                       str(tmp_path / "i3d.pt"), "--vggish", str(tmp_path / "missing.pth")])
     res = json.loads(out.read_text())
     assert e.value.code == 1 and "fad" in res["not_computed"]
@@ -416,11 +416,11 @@ def test_damaged_or_short_clips_fail_per_file_and_the_output_opens_first(tmp_pat
     whole = (gen / "good.mp4").read_bytes()
     (gen / "cut.mp4").write_bytes(whole[:len(whole) * 6 // 10])  # its header still lists 32 frames; 7 decode
     media.write_mp4(gen / "short.mp4", make_frames()[:16], FPS, make_audio(HIT_TIMES)[:2 * SR])  # 2 s of a 4 s clip
-    res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "1", "--out",
+    res = metrics.main(["--gen", str(gen), "--metrics", "av_align", "--workers", "2", "--out",
                         str(tmp_path / "r.json")])
     failed = json.loads((tmp_path / "r.json").read_text())["failed_files"]
     assert res["av_align_iou/gen"] == 1.0 and set(failed) == {str(gen / "cut.mp4"), str(gen / "short.mp4")}
-    assert "truncated: 7 of the 32 frames" in failed[str(gen / "cut.mp4")]
+    assert "truncated or unreadable: 7 of the 32 frames decode" in failed[str(gen / "cut.mp4")]
     assert "too short" in failed[str(gen / "short.mp4")]
     monkeypatch.setattr(metrics, "map_clips", lambda *a, **k: pytest.fail("scored before --out was checked"))
     capsys.readouterr()
@@ -447,7 +447,8 @@ def test_weight_files_load_as_tensors_only(tmp_path, monkeypatch):
 def test_a_requested_metric_not_computed_fails_the_run_after_writing_the_rest(clip_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as e:  # FVD and FAD need --ref: requested, so the run fails
-        metrics.main(["--gen", str(clip_dir), "--metrics", "av_align,fvd,fad", "--workers", "1", "--out", str(out)])
+        metrics.main(["--gen", str(clip_dir), "--metrics", "av_align", "fvd", "fad", "--workers", "1",
+                      "--out", str(out)])
     res = json.loads(out.read_text())
     assert e.value.code == 1 and res["results"]["av_align_iou/gen"] is not None
     assert res["not_computed"] == {"fvd": "needs --ref", "fad": "needs --ref"}
@@ -455,19 +456,26 @@ def test_a_requested_metric_not_computed_fails_the_run_after_writing_the_rest(cl
     assert "fvd not computed: needs --ref" in err and err.strip().splitlines()[-1].startswith("error: not computed")
 
 
-def test_results_are_written_through_a_fresh_temporary_file(clip_dir, tmp_path, capsys):
-    target, out = tmp_path / "precious.txt", tmp_path / "r.json"
-    target.write_text("keep")
-    (tmp_path / "r.json.tmp").symlink_to(target)  # the name an older version wrote through
+def test_results_replace_the_file_and_bad_arguments_are_one_line(clip_dir, tmp_path, capsys):
+    out, gen = tmp_path / "r.json", tmp_path / "gen"
+    out.write_text("an earlier run")
     metrics.main(["--gen", str(clip_dir), "--metrics", "av_align", "--workers", "1", "--out", str(out)])
-    assert target.read_text() == "keep" and json.loads(out.read_text())["results"]["av_align_iou/gen"] is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt", "r.json", "r.json.tmp"]  # nothing left
-    for argv, message in ((["--out", ""], "error: --out: give a file name"),
-                          (["--captions", str(tmp_path / "empty.txt")], "error: --captions")):
-        (tmp_path / "empty.txt").write_text("\n")
+    assert json.loads(out.read_text())["results"]["av_align_iou/gen"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary file left
+    (tmp_path / "bad.txt").write_text("a.mp4\n")  # a clip without its caption
+    gen.mkdir()
+    (gen / "a.mp4").symlink_to(clip_dir / "aligned.mp4")
+    (gen / "manifest.jsonl").write_text('{"file": "a.mp4"}\n')  # a row without its prompt
+    for argv, message in ((["--gen", str(clip_dir), "--out", ""], "error: --out: give a file name"),
+                          (["--gen", str(clip_dir), "--captions", str(tmp_path / "bad.txt")],
+                           f"error: {tmp_path / 'bad.txt'}:1: no caption"),
+                          (["--gen", str(clip_dir), "--metrics", "av_align", "fid"],
+                           "error: argument --metrics: invalid choice: 'fid'"),
+                          (["--gen", str(tmp_path / "nowhere")], f"error: --gen {tmp_path / 'nowhere'}: no .mp4 files"),
+                          (["--gen", str(gen)], f"error: {gen / 'manifest.jsonl'} is not sample.py's")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            metrics.main(["--gen", str(clip_dir), "--metrics", "av_align", "--out", str(out)] + argv)
+            metrics.main(["--metrics", "av_align", "--out", str(out)] + argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
@@ -496,7 +504,7 @@ def test_sigkill_takes_the_workers_along(clip_dir, tmp_path):
     import time
     gen = tmp_path / "gen"
     gen.mkdir()
-    for k in range(200):  # enough work that both workers are busy when the kill comes
+    for k in range(40):  # ~4 s of work for two workers: both are busy when the kill comes
         for ext in (".mp4", ".wav"):
             (gen / f"c{k:02d}{ext}").symlink_to(clip_dir / f"aligned{ext}")
     root = Path(__file__).resolve().parents[1]
@@ -507,7 +515,7 @@ def test_sigkill_takes_the_workers_along(clip_dir, tmp_path):
     deadline, workers = time.time() + 180, []
     started = lambda: re.search(r"AV-Align gen: +[1-9]\d?%", (tmp_path / "stderr.txt").read_text())  # 1-99 %
     while time.time() < deadline and proc.poll() is None and not (len(workers) == 2 and started()):
-        time.sleep(0.2)  # until both workers run and have scored some of the 200 clips
+        time.sleep(0.1)  # until both workers run and have scored some of the 40 clips
         workers = _children(proc.pid)
     assert len(workers) == 2 and proc.poll() is None, "the workers never started"
     proc.send_signal(signal.SIGKILL)
@@ -599,5 +607,5 @@ def test_sample_from_captions_then_every_metric(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["not_computed"] == {}
     monkeypatch.delitem(sys.modules, "torchvggish")  # the real one, if installed, cannot read the stand-in's weights
     with pytest.raises(SystemExit) as e:
-        metrics.main(argv + ["--metrics", "av_align,fad"])
+        metrics.main(argv + ["--metrics", "av_align", "fad"])
     assert e.value.code == 1 and "fad" in json.loads((tmp_path / "r.json").read_text())["not_computed"]

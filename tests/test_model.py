@@ -1,6 +1,8 @@
 """model.py: the joint forward against diffusers' own U-Net forwards, freezing (App. A.2), the cross-modal
 path, gradient checkpointing, the loss of Eq. (9)-(10) in closed form, and full-size parameter counts / shapes on the
 meta device."""
+import copy
+import functools
 import json
 import pathlib
 import types
@@ -14,6 +16,12 @@ from model import build_model
 from timesteps import alpha_bar_table, target
 
 OFFICIAL_ADDED = 467_744_079  # the released unet_svg (tests/data/official/manifest_full.json); paper: "about 468M"
+
+
+@functools.cache
+def full_meta(conditioner="cmcpe"):
+    """The full-size model on the meta device, built once per conditioner (test_official, test_base_models use it)."""
+    return build_model("full", conditioner, device="meta")
 
 
 def inputs(base, frames=32, seed=0):
@@ -70,9 +78,8 @@ def test_only_added_and_motion_modules_get_grads(joint):
     assert all(grads[name].grad.abs().sum() > 0 for name in expected if name.endswith("proj_out.weight"))
 
 
-@pytest.mark.parametrize("conditioner", ["cmcpe", "crossattn"])
-def test_cross_modal_path(conditioner):
-    model, base = build_model("tiny", conditioner)
+def test_cross_modal_path(joint):
+    model, base = copy.deepcopy(joint)  # perturbed below
     x_v, x_a, t_v, t_a, text_v, text_a = inputs(base, frames=8)
     other_v, other_a = x_v + torch.randn_like(x_v), x_a + torch.randn_like(x_a)
     run = lambda xv, xa: model(xv, xa, t_v, t_a, text_v, text_a)
@@ -135,8 +142,10 @@ def test_loss_is_eq_9_10_in_closed_form(exact):
     g = torch.Generator().manual_seed(0)
     x0_v, x0_a = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 8, 12, 4, generator=g)
     text_v, text_a = torch.randn(3, 77, 8, generator=g), torch.randn(3, 8, generator=g)
-    batch = dict(caption=["a", "b", "c"], video_mean=x0_v, video_std=torch.zeros_like(x0_v), mel_mean=x0_a,
-                 mel_std=torch.zeros_like(x0_a), text_v=text_v, null_v=text_v, text_a=text_a, null_a=text_a)
+    bases.encode_text = lambda captions: (text_v, text_a)  # the encoders: latent distributions with std 0, x = x0
+    bases.encode_video = lambda video: (x0_v, torch.zeros_like(x0_v))
+    bases.encode_audio = lambda mel: (x0_a, torch.zeros_like(x0_a))
+    batch = dict(caption=["a", "b", "c"], video=torch.zeros(3), mel=torch.zeros(3))
     settings = dict(seed=0, p_uncond=0.1, p_self_cond=0.5, shared_t=False, precision="fp32")  # train.py's CPU defaults
     model = KnowsTheNoise(x0_v, x0_a, bases, exact)
     for step in range(4):  # different t_v, t_a per sample, with and without the self-conditioning pass
@@ -153,7 +162,7 @@ def test_loss_is_eq_9_10_in_closed_form(exact):
 
 
 def test_full_size_counts_and_shapes_on_meta():
-    model, _ = build_model("full", device="meta")
+    model, _ = full_meta()
     count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())
     size_v, size_a, added = count([model.video_unet]), count([model.audio_unet]), count(model.added_modules())
     motion = sum(p.numel() for name, p in model.video_unet.named_parameters() if "motion_modules" in name)
@@ -168,13 +177,14 @@ def test_full_size_counts_and_shapes_on_meta():
     assert added == OFFICIAL_ADDED  # key by key in test_official.py
 
     seen = []
-    for blocks in (model.blocks_v, model.blocks_a):
-        for b in blocks:
-            b.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+             for blocks in (model.blocks_v, model.blocks_a) for b in blocks]
     x_v, x_a = torch.empty(1, 4, 32, 32, 32, device="meta"), torch.empty(1, 8, 100, 16, device="meta")
     t = torch.tensor([500], device="meta")
     with torch.no_grad():
         eps_v, eps_a = model(x_v, x_a, t, t, torch.empty(1, 77, 768, device="meta"), torch.empty(1, 512, device="meta"))
+    for h in hooks:
+        h.remove()
     assert eps_v.shape == x_v.shape and eps_a.shape == x_a.shape
     # insertion-point features, in call order: the video U-Net's (down2, down3, up0, up1), then the audio U-Net's
     # (AudioLDM-m widths 576/960; 100 latent rows -> 13, 13, 25, 50)
