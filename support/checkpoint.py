@@ -1,25 +1,20 @@
-"""Run folders as diffusers' training examples keep them: <out>/checkpoint-<step>/ holds the trained weights, their EMA,
-the optimizer state and the run's config. Not in the paper: what makes a long Eq. (9) run safe to kill and resume.
-
-A save writes checkpoint-<step>.tmp/ and renames it into place (a folder rename is atomic), then removes all but the
-newest two: a run killed at any instant (SIGKILL included) leaves its previous checkpoint whole, and a .tmp folder
-that the next --resume removes. The run's lock (<out>/.lock, released by the OS even on SIGKILL) keeps a second
-process out. A checkpoint that cannot be read stops --resume with one line naming the file; nothing is deleted.
-"""
+"""Run folders as diffusers' training examples keep them (not in the paper), so a long Eq. (9) run is safe to kill: a
+checkpoint-<step>/ is written as .tmp and renamed into place, the newest two kept; <out>/.lock bars a second process."""
+import contextlib
 import fcntl
 import glob
 import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from support.media import write_atomic
 
-# train.py arguments that do not change what a run computes: --resume may change them
-# (the GLOBAL batch fixes every draw: 1 or 8 GPUs, with or without accumulation, take the same steps)
+# train.py arguments that --resume may change: the GLOBAL batch fixes every draw, whatever the split over processes
 MAY_CHANGE = ("resume", "allow_changed_args", "ckpt_every", "num_workers", "device", "out", "rank", "world_size",
               "micro_batch", "accumulation")
 
@@ -30,21 +25,17 @@ class CheckpointError(ValueError):
 
 def checkpoints(out):
     """-> [(step, folder)] of the complete checkpoints in `out`, oldest first."""
-    found = [(int(m[1]), p) for p in glob.glob(os.path.join(glob.escape(out), "checkpoint-*"))
-             if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p)))]
-    return sorted(found)
+    return sorted((int(m[1]), p) for p in glob.glob(os.path.join(glob.escape(out), "checkpoint-*"))
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p))))
 
 
 def latest(out):
-    """-> the newest complete checkpoint folder of a run, or None."""
-    found = checkpoints(out)
-    return found[-1][1] if found else None
+    return (checkpoints(out) or [(0, None)])[-1][1]
 
 
 def save(out, step, params, ema, opt, scaler, config, keep=2):
-    """Checkpoint of `step`: the trained parameters {name: param}, their EMA (diffusers' EMAModel), the optimizer and
-    loss-scaler state (tensors and numbers: torch.load(weights_only=True) reads them) and the run's config (JSON)."""
-    tmp, final = os.path.join(out, f"checkpoint-{step}.tmp"), os.path.join(out, f"checkpoint-{step}")
+    """Checkpoint of `step`: {name: param}, EMA, optimizer and scaler state (torch.load(weights_only=True) reads it)."""
+    tmp = os.path.join(out, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     cpu = lambda tensors: {n: t.detach().float().cpu().contiguous() for n, t in tensors.items()}  # noqa: E731
@@ -52,17 +43,15 @@ def save(out, step, params, ema, opt, scaler, config, keep=2):
     save_file(cpu(dict(zip(params, ema.shadow_params))), os.path.join(tmp, "ema.safetensors"))
     state = dict(step=step, opt=opt.state_dict(), scaler=scaler.state_dict(), ema_step=ema.optimization_step)
     torch.save(state, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(dict(config, step=step), f, indent=1)
-    os.rename(tmp, final)
+    Path(tmp, "config.json").write_text(json.dumps(dict(config, step=step), indent=1))
+    os.rename(tmp, os.path.join(out, f"checkpoint-{step}"))
     for _, old in checkpoints(out)[:-keep]:
         os.rename(old, old + ".tmp")  # no longer a checkpoint from here on, however far rmtree gets
         shutil.rmtree(old + ".tmp")
 
 
 def resume(folder, params, ema, opt, scaler):
-    """A checkpoint into the parameters, EMA, optimizer and loss scaler. -> its step. CheckpointError (one line naming
-    the file) for anything that does not fit."""
+    """A checkpoint into the parameters, EMA, optimizer and loss scaler -> its step; CheckpointError for a misfit."""
     load_weights(params, os.path.join(folder, "model.safetensors"))
     load_weights(dict(zip(params, ema.shadow_params)), os.path.join(folder, "ema.safetensors"))
     path = os.path.join(folder, "state.pt")
@@ -77,7 +66,7 @@ def resume(folder, params, ema, opt, scaler):
 
 
 def read(path, reader):
-    """reader(path), or CheckpointError naming the file."""
+    """reader(path), or CheckpointError naming the file (--resume stops with one line, deletes nothing)."""
     try:
         return reader(path)
     except Exception as e:  # missing, cut short, not what it should be
@@ -101,8 +90,7 @@ def read_config(folder):
 
 
 def open_run(out, config, resume, allow_changed):
-    """Before any model loads: lock the run folder; checkpoints in it only with `resume`, and then only with the same
-    arguments (config: the new run's, as a dict). -> the lock (held while the file stays open)."""
+    """Before any model loads: lock `out`; its checkpoints only with `resume` and the same config (dict) -> the lock."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a")
@@ -131,13 +119,10 @@ def open_run(out, config, resume, allow_changed):
 
 
 def open_log(path, step):
-    """The step log (one JSON line per step), cut back to the resumed checkpoint's `step`: after any kill and resume,
-    every step appears exactly once. -> the file, open for appending."""
+    """The step log (a JSON line per step) cut back to the resumed `step`, every step once -> open for appending."""
     kept = []
     for line in open(path) if os.path.isfile(path) else []:
-        try:
+        with contextlib.suppress(ValueError, KeyError):  # a line cut by the kill
             kept += [line] if json.loads(line)["step"] <= step else []
-        except (ValueError, KeyError):  # a line cut by the kill
-            pass
     write_atomic(path, lambda tmp: open(tmp, "w").write("".join(kept)))
     return open(path, "a")

@@ -1,5 +1,4 @@
-"""Command-line checks: bad input gets ONE line "error: ..." and exit code 2, before any model is built. Not in the paper.
-"""
+"""Command-line checks: bad input gets ONE line "error: ..." and exit 2, before any model is built. Not in the paper."""
 import argparse
 import math
 import os
@@ -12,10 +11,8 @@ from huggingface_hub import constants, try_to_load_from_cache
 BASES = dict(video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
              motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2", audio_base="cvssp/audioldm-m-full")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # support/ lies in the repository root
-# the tiny base models, trained once on the synthetic clips (train.py --stage base): the demo's "pretrained" bases
-TINY_BASES = os.path.join(REPO, "weights", "tiny_bases.safetensors")
-# run-config values that model.build_model takes by name (train.py stores them, support/loading.py reads them back)
-BUILD_ARGS = ("time_align", *BASES, "snr_scale_v", "snr_scale_a")
+TINY_BASES = os.path.join(REPO, "weights", "tiny_bases.safetensors")  # the demo's bases: train.py --stage base
+BUILD_ARGS = ("time_align", *BASES, "snr_scale_v", "snr_scale_a")  # run-config keys that model.build_model takes
 
 
 def fail(message):
@@ -24,8 +21,7 @@ def fail(message):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose own errors (unknown flag, bad value) are one line, with no prefix matching and every default
-    shown in --help."""
+    """argparse whose own errors (unknown flag, bad value) are one line; no prefix matching; defaults in --help."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
@@ -49,13 +45,11 @@ def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
 
 
 def existing(path, what, folder=False):
-    """Fail unless `path` is an existing file (or folder)."""
     if not (os.path.isdir(path or "") if folder else os.path.isfile(path or "")):
         fail(f"{what}: {path} is not an existing {'folder' if folder else 'file'}")
 
 
 def writable_dir(path, what):
-    """Create the folder if needed; fail with one line if it cannot take files."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -65,7 +59,6 @@ def writable_dir(path, what):
 
 
 def add_base_args(p):
-    """The base models' weights (hub ids or folders) and their noise schedules."""
     for k, v in BASES.items():
         p.add_argument("--" + k.replace("_", "-"), default=v, help="hub id or local folder")
     for m, name in (("v", "video"), ("a", "audio")):  # 1: the base models as they are (the paper)
@@ -74,8 +67,7 @@ def add_base_args(p):
 
 
 def check_weights(video_base, motion_adapter, audio_base, hint=""):
-    """With HF_HUB_OFFLINE=1, fail at once when a base model is neither a local folder nor in the hub's cache (online,
-    huggingface_hub downloads it or says itself why not)."""
+    """Offline (HF_HUB_OFFLINE=1): fail now if a base model is neither a folder nor cached (online, the hub says)."""
     wanted = ((video_base, "unet/config.json"), (motion_adapter, "config.json"), (audio_base, "unet/config.json"))
     absent = [i for i, f in wanted if not os.path.isdir(i) and not isinstance(try_to_load_from_cache(i, f), str)]
     if absent and constants.HF_HUB_OFFLINE:

@@ -1,7 +1,5 @@
-"""Files and child processes: every file is written under a temporary name and renamed into place (a reader, or a run
-killed at any instant, never sees half a file), and every child process (ffmpeg, metric workers) dies with its
-parent. Clips are float32 wav and browser-playable mp4 (H.264 + AAC). Not in the paper: file formats.
-"""
+"""Files and child processes (not in the paper): every file is written under a temporary name and renamed into place (no
+reader or killed run sees half a file); children (ffmpeg, metric workers) die with their parent. Clips: wav and mp4."""
 import ctypes
 import os
 import signal
@@ -11,7 +9,6 @@ import sys
 import imageio_ffmpeg
 import numpy as np
 import scipy.io.wavfile
-import soundfile as sf
 
 SR = 16000  # AudioLDM's sampling rate: every waveform of the project
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -52,7 +49,7 @@ def write_mp4(path, frames, fps, audio, sr=SR):
 
     def write(tmp):
         wav = tmp + ".wav"  # the audio goes in as a float wav, the frames through stdin
-        sf.write(wav, np.asarray(audio, np.float32), sr, subtype="FLOAT")
+        write_wav(wav, audio, sr)
         try:
             rc, _, err = ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
                                  f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "-", "-i", wav,
@@ -70,10 +67,7 @@ def save_clips(out, result, names=None):
     """Each clip of a sample.generate_clips result as <name>.mp4 (with sound) and <name>.wav in out/. -> mp4 paths."""
     os.makedirs(out, exist_ok=True)
     names = names or [f"{k:04d}" for k in range(len(result["frames"]))]
-    paths = []
     for name, frames, wave in zip(names, result["frames"], result["audios"]):
-        base = os.path.join(out, name)
-        write_wav(base + ".wav", wave, result["sample_rate"])
-        write_mp4(base + ".mp4", frames, result["fps"], wave, result["sample_rate"])
-        paths.append(base + ".mp4")
-    return paths
+        write_wav(os.path.join(out, name + ".wav"), wave, result["sample_rate"])
+        write_mp4(os.path.join(out, name + ".mp4"), frames, result["fps"], wave, result["sample_rate"])
+    return [os.path.join(out, name + ".mp4") for name, _, _ in zip(names, result["frames"], result["audios"])]

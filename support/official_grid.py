@@ -1,10 +1,7 @@
-"""The released code's sampler (SonyResearch/SVG_baseline e8ebd06, VideoAudioGenWithSVGPipeline.__call__) for
-sample.generate(grid="official"). Unlike Algorithm 1 as printed (App. A.1): each modality walks its own diffusers grid
-(video `linspace`, audio `leading` + steps_offset), zipped step by step, which gamma bends as t <- round((t / 1000) ** g
-* 1000), g = sqrt(gamma) for video, 1 / sqrt(gamma) for audio (gamma = 1 or None, the scripts' unset one, bends
-nothing); the last step ends at alphas_cumprod[0], not alpha_bar = 1; the CLAP negative prompt is padded to the
-projection width (BaseModels.encode_text); guidance runs only if a scale exceeds 1. Left out: the official noise draw
-(one generator per batch, audio first). Not in the paper."""
+"""The released code's sampler (SonyResearch/SVG_baseline e8ebd06, VideoAudioGenWithSVGPipeline.__call__), not in
+the paper. Unlike Algorithm 1 (App. A.1): each modality walks its own diffusers grid (video `linspace`, audio `leading`
++ steps_offset), bent by g = sqrt(gamma) (video) or 1 / sqrt(gamma) (audio); the last step ends at alphas_cumprod[0];
+the CLAP negative prompt is padded. Left out: the official noise draw (one generator per batch, audio first)."""
 import numpy as np
 
 from timesteps import alpha_bar_table
@@ -25,14 +22,13 @@ def base_grid(config, steps):
 
 
 def adjusted_grid(config, steps, g):
-    """The released DDIMSchedulerRev.set_timesteps: the base grid bent by the exponent g (1: unchanged, exactly)."""
+    """The released DDIMSchedulerRev.set_timesteps: t <- round((t / 1000) ** g * 1000) (g = 1: unchanged, exactly)."""
     t = base_grid(config, steps).astype(np.float32)
     return np.round((t / 1000) ** np.float64(g) * 1000).astype(np.int64)  # Eq. (8) per grid
 
 
 def schedule(bases, steps, gamma):
-    """-> [(t_v, t_a, alpha_bar_v, alpha_bar_v_prev, alpha_bar_a, alpha_bar_a_prev)] per step: U-Net indices and the
-    noise levels each DDIM step moves between; each modality's last step ends at alphas_cumprod[0]."""
+    """-> per DDIM step (t_v, t_a, alpha_bar_v, alpha_bar_v_prev, alpha_bar_a, alpha_bar_a_prev): its start and end."""
     g = (np.sqrt(gamma), 1 / np.sqrt(gamma)) if gamma is not None else (1.0, 1.0)  # None: the scripts' unset gamma
     out = []
     for m, g_m in zip("va", g):

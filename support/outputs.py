@@ -1,5 +1,4 @@
-"""sample.py's files: its checks (one line, exit 2, before any model), the clip a conditional run is given, and what it
-leaves in --out: per clip .mp4, .wav and poster .jpg, then manifest.jsonl and index.html. Not in the paper."""
+"""sample.py's checks, the clip given to a conditional run and its files (clips, manifest, page). Not in the paper."""
 import html
 import json
 import os
@@ -9,8 +8,8 @@ from PIL import Image
 
 from av_align import read_audio, read_video
 from data import read_captions
-from support import cli, official_grid
-from support.loading import is_pipe, run_config
+from support import cli, official_grid, released
+from support.loading import run_config
 from support.media import save_clips, write_atomic
 
 
@@ -20,7 +19,7 @@ def check(args):
     args.gamma = list(dict.fromkeys(args.gamma))  # a gamma given twice is sampled once
     try:  # a damaged or foreign run, caption list or clip (a CheckpointError is a ValueError)
         captions = read_captions(args.captions, clips=False) if args.captions else []
-        trained = run_config(args.ckpt, not args.no_ema)[1] if args.ckpt and not is_pipe(args.ckpt) else {}
+        trained = run_config(args.ckpt, not args.no_ema)[1] if args.ckpt and not released.is_pipe(args.ckpt) else {}
         given = args.video or args.audio
         args.given = read_given(given, args.video, trained.get("fps", 8), args.seconds) if given else None
     except ValueError as e:
@@ -45,8 +44,7 @@ def check(args):
 
 
 def read_given(path, video, fps, seconds):
-    """--video: its frames at fps (frame k: the one on screen at k / fps); --audio: (waveform, rate) of a sound file or
-    a video's track. ValueError for a file that cannot be read or lasts under 0.5 s."""
+    """--video's frames at fps (frame k: shown at k / fps), --audio's (waveform, rate); ValueError: bad or < 0.5 s."""
     try:
         clip, rate = read_video(path) if video else read_audio(path)
     except (ValueError, RuntimeError) as e:  # soundfile's errors are RuntimeErrors
@@ -58,8 +56,7 @@ def read_given(path, video, fps, seconds):
 
 
 def save(args, res, gamma, rows, source):
-    """One gamma's clips and posters, then manifest.jsonl and index.html (a row per prompt and seed, a column per gamma)
-    listing every clip so far. Names: <number>_<prompt>_g<gamma>, or --captions' clip stem. -> the rows."""
+    """One gamma's clips and posters, then manifest.jsonl and index.html (rows: clips, columns: gammas) -> the rows."""
     tag, stems = f"_g{gamma!r}", [s for s in args.stems for _ in range(args.num_per_prompt)]  # repr: never alike
     names = [f"{k:04d}_{'-'.join(''.join(c if c.isalnum() else ' ' for c in p).split())[:60]}{tag}" if stem is None
              else stem + (f"_s{s}" if args.num_per_prompt > 1 else "") + (tag if len(args.gamma) > 1 else "")

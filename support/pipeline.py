@@ -1,8 +1,5 @@
-"""A Python entry point in diffusers' manner: load a trained model, generate sounding videos (Algorithm 1, or Sec. 3.4's
-conditional case with video= / audio=), save them. diffusers' names: guidance_scale (video), audio_guidance_scale
-(LTX-2's split), num_videos_per_prompt, generator, output_type, return_dict, torch_dtype, .to(device); gamma is the
-paper's. The rest comes from the run's stored config or the released folder (support/loading.py). Not in the paper.
-"""
+"""A Python entry point in diffusers' manner and argument names (audio_guidance_scale: LTX-2's; not in the paper):
+load a trained model, generate sounding videos (Algorithm 1, or Sec. 3.4's case with video= / audio=), save them."""
 import random
 from dataclasses import dataclass
 
@@ -49,8 +46,7 @@ class SoundingVideoPipeline:
     @classmethod
     def from_pretrained(cls, path=None, torch_dtype=torch.float32, device="cpu", ema=True, size="pretrained",
                         video_size=None):
-        """path: a train.py run, a released pipe/ folder, or None (support/loading.load). torch_dtype: the frozen
-        weights' (bf16 halves them; calls then run under autocast in it; the added modules stay float32)."""
+        """path: a run, a pipe/ folder or None. torch_dtype: the frozen weights' (autocast; added modules fp32)."""
         return cls(*load(path, device, torch_dtype or torch.float32, ema, size, video_size))
 
     def to(self, device):
@@ -62,10 +58,9 @@ class SoundingVideoPipeline:
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=None, gamma=1.5, guidance_scale=7.5,
                  audio_guidance_scale=2.5, num_videos_per_prompt=1, generator=None, latents=None, seconds=4,
                  batch_size=4, grid="paper", output_type="np", return_dict=True, progress=True, video=None, audio=None):
-        """prompt, negative_prompt: a string or a list (one per prompt). num_inference_steps: T (25, Sec. 4.1.2; the
-        official grid's 50). latents: (x_v, x_a), initial noise. Sec. 3.4: video= frames ((F, H, W, 3) uint8 or float
-        in [0, 1], or PIL images) get a sound, audio=(waveform, sample_rate) a video; both cut or padded to `seconds`.
-        -> SoundingVideoPipelineOutput, or (frames, audios) with return_dict=False."""
+        """prompt, negative_prompt: a string or one per prompt. num_inference_steps: T (25, Sec. 4.1.2; official grid
+        50). latents: initial (x_v, x_a). Sec. 3.4: video= frames ((F, H, W, 3) uint8 / float in [0, 1], or PIL images)
+        get a sound, audio=(waveform, sample_rate) a video, both cut or padded to `seconds`."""
         if output_type not in ("np", "pt", "uint8", "latent"):
             raise ValueError(f"output_type {output_type!r}: one of np, pt, uint8, latent")
         seeds = clip_seeds(generator, (1 if isinstance(prompt, str) else len(prompt)) * num_videos_per_prompt)

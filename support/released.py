@@ -1,11 +1,9 @@
 """The authors' released model (SonyResearch/SVG_baseline e8ebd06) on our modules, as nanoGPT's from_pretrained loads
-GPT-2: its `unet_svg` config and names (model.JointModel.from_official), its `unet_svg/` folder (the added modules)
-and `pipe/` folder (every part, as its training script saves it). cmcpe.py uses the released names inside every
-module; only the containers differ (`official_name`; the other way is read off a built model, so they agree):
+GPT-2: its unet_svg config, names and folder (JointModel.from_official) and pipe/ parts. cmcpe.py uses the released
+names inside every module; only the containers differ (`official_name`; the reverse is read off a built model):
   connector_in_<video|audio>.<0|1>.<j>.0.[transformer_blocks.0.]X  <->  blocks_<v|a>.<k>.X  (k: down2, down3, up0, up1)
   connector_out_<video|audio>.<stage>...                            <->  connector_<v|a>.<conv_in|res1|attn1|down|...>
-Left out: config variants the release never trained (refused with one line). Not in the paper: file formats.
-"""
+Left out: config variants the release never trained (refused with one line). Not in the paper: file formats."""
 import inspect
 import json
 import os
@@ -16,10 +14,8 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNetMotionModel
 from safetensors.torch import load_file, save_file
-from transformers import (ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer, SpeechT5HifiGan,
-                          SpeechT5HifiGanConfig)
+from transformers import ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer, SpeechT5HifiGan
 
-from base_models import assemble
 from support.media import write_atomic
 
 RELEASED = dict(with_connector=[False, False, True, True], channel_mult_connector=[2, 4], num_blocks_connector=[1, 1],
@@ -70,8 +66,7 @@ def added_state(model):
 
 
 def from_official(cls, video_unet, audio_unet, config, state_dict, fps=8):
-    """cls (JointModel) from a released unet_svg config.json dict, time_align "index" (what it computes), around the
-    given U-Nets, with the released state_dict (float32 or fp16) loaded by load_state_dict(strict=True)."""
+    """cls (JointModel) around the U-Nets from a released unet_svg config and state_dict (loaded strictly)."""
     cv, ca = config.get("connector_video_config"), config.get("connector_audio_config")
     if not isinstance(cv, dict) or not isinstance(ca, dict):
         raise OfficialFormatError("unet_svg config.json has no connector_video_config / connector_audio_config")
@@ -146,40 +141,3 @@ def read_unet_svg(folder):
 
 def is_pipe(path):
     return path is not None and all(os.path.isdir(os.path.join(path, p)) for p in ("unet_svg", *PARTS))
-
-
-def _part(cls, path):
-    """A pipe/ part, without the notices its format always causes: diffusers parts from their config (unet_v's without
-    UNET2D_ONLY), loaded strictly; the vocoder's config has transformers 4.31's model_type "hifigan"."""
-    if cls.__module__.startswith("diffusers"):
-        config = {k: v for k, v in cls.load_config(path).items() if cls is not UNetMotionModel or k not in UNET2D_ONLY}
-        model = cls.from_config(config)
-        model.load_state_dict(read_weights(path), strict=True)
-        return model
-    if cls is SpeechT5HifiGan:
-        config = dict(read_json(os.path.join(path, "config.json")), model_type="speecht5_hifigan")
-        return cls.from_pretrained(path, config=SpeechT5HifiGanConfig.from_dict(config))
-    return cls.from_pretrained(path)
-
-
-def load_pipe(folder, device="cpu", dtype=torch.float32, fps=8, video_size=None):
-    """A released pipe/ folder -> (JointModel, BaseModels), everything from it: its unet_v carries the trained motion
-    modules (App. A.2); scheduler_v/_a if present. dtype: of every weight (float64: the official float64 run)."""
-    from model import JointModel  # here, not at the top: model.py imports this module
-    config, sd = read_unet_svg(os.path.join(folder, "unet_svg"))
-    parts = {}
-    for name, cls in PARTS.items():
-        try:
-            parts[name] = _part(cls, os.path.join(folder, name))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise OfficialFormatError(f"{folder}/{name}: cannot be loaded as {cls.__name__}: {one_line(e)}") from None
-    schedulers = {m: read_json(os.path.join(folder, f"scheduler_{m}", "scheduler_config.json"))
-                  for m in "va" if os.path.isdir(os.path.join(folder, f"scheduler_{m}"))}
-    for m, s in schedulers.items():  # DDIMSchedulerRev's own key, null as saved: the official scripts set it later
-        if s.pop("gamma", None) is not None:
-            print(f"note: {folder}/scheduler_{m}: the saved gamma exponent is not used; the sampler's gamma is")
-    bases = assemble(dict(video_unet=parts.pop("unet_v"), audio_unet=parts.pop("unet_a"), **parts), "pretrained",
-                     device, dtype, fps, video_size or 256, schedulers)  # 256x256 frames: Sec. 4.1.2
-    model = JointModel.from_official(bases.video_unet, bases.audio_unet, config, sd, fps=fps)
-    model.to(device, dtype).set_trainable()
-    return model, bases

@@ -1,6 +1,5 @@
-"""A base model on another noise schedule, without retraining (scripts/gamma_mismatch.py tests Eq. (8)'s premise,
-Sec. 3.2.2): a diffusion model sees its latent only through SNR = alpha_bar / (1 - alpha_bar) (Kingma et al., 2021),
-so s times the SNR is the same U-Net called at the index tau of that SNR, clamped to [0, T - 1]. Not in the paper."""
+"""A base model on another noise schedule, no retraining, to test Eq. (8)'s premise (Sec. 3.2.2; not in the paper): a
+model sees its latent only through SNR = alpha_bar / (1 - alpha_bar), so s times it is the U-Net at that SNR's index."""
 import numpy as np
 import torch
 import torch.nn as nn

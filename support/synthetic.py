@@ -1,8 +1,6 @@
-"""The offline stand-in for GreatestHits (Sec. 4.1.1): procedurally generated sounding videos in which an object is
-hit by a stick and every hit is heard exactly at its frame, the material setting the sound and the caption naming
-colour, material and shape ("A person is hitting a red wooden box with a stick."). Not in the paper: the tiny CPU demo
-learns from it an alignment that can be measured (av_align.py). Left out: people, camera motion, backgrounds.
-"""
+"""The offline stand-in for GreatestHits (Sec. 4.1.1; not in the paper): a stick hits an object and each hit sounds at
+its frame, the material setting the sound, the caption naming it ("A person is hitting a red wooden box with a stick."):
+an alignment the tiny CPU demo can learn and av_align.py measure. Left out: people, camera motion, backgrounds."""
 import math
 import os
 
@@ -22,9 +20,8 @@ MATERIALS = dict(wooden=((150, 350), (1, 2.76, 5.4), (0.08, 0.04, 0.02), 0.5),
                  metal=((500, 1100), (1, 2.76, 5.4, 8.93), (0.9, 0.6, 0.35, 0.2), 0.2),
                  glass=((1800, 3000), (1, 2.32, 4.25), (0.4, 0.25, 0.12), 0.1),
                  plastic=((250, 500), (1, 1.6, 2.3), (0.025, 0.015, 0.01), 0.8))
-# stick lowering in pixels (at 64x64; 14 = on the object) at frames k-3 .. k+3 around a hit at frame k: accelerating
-# down, slower back up, so the frame-to-frame motion (AV-Align's optical flow) peaks strictly at k even for hits 4
-# frames apart; steps stay <= 8 px, which Farneback tracks at this size (it collapses on jumps of 10 px or more)
+# stick lowering in px (at 64x64; 14: on the object) at frames k-3 .. k+3 of a hit at k: fast down, slower up, so the
+# optical flow peaks strictly at k even for hits 4 frames apart; steps <= 8 px, which Farneback tracks (10 px: lost)
 STROKE = (1, 3, 6, 14, 9, 5, 2)
 
 def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
@@ -77,8 +74,7 @@ def synthetic_clip(seed, size=64, fps=8, seconds=4.0, sr=SR):
     return dict(frames=frames, audio=audio, caption=caption, hit_times=[k / fps for k in hits])
 
 def write_synthetic(out, num, fps=8, size=64, split="test"):
-    """Synthetic clips as files: <name>.mp4 (with sound) + <name>.wav and captions.txt (the official list format),
-    e.g. a reference folder for metrics.py --ref (held-out test seeds by default)."""
+    """Clips as <name>.mp4 (with sound) + .wav and captions.txt (the official list format), e.g. metrics.py --ref."""
     os.makedirs(out, exist_ok=True)
     first, lines = TEST_SEED if split == "test" else 0, []
     for s in tqdm(range(first, first + num), desc=f"writing {num} synthetic clips"):

@@ -18,8 +18,7 @@ from data import HOP, N_FFT, N_MELS, SR
 
 
 def byte_tokenizers(max_length=77):
-    """(CLIP, RoBERTa/CLAP) byte-level BPE tokenizers without merges: CLIP 256 bytes + 256 bytes</w> + bos/eos = 514
-    ids; RoBERTa <s>,<pad>,</s>,<unk> + 256 bytes + <mask> = 261 ids."""
+    """Byte-level BPE, no merges: CLIP 514 ids (bytes, bytes</w>, bos, eos), RoBERTa 261 (4 specials, bytes, mask)."""
     b = list(bytes_to_unicode().values())
     clip = {s: i for i, s in enumerate(b + [s + "</w>" for s in b] + ["<|startoftext|>", "<|endoftext|>"])}
     clap = {s: i for i, s in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + b + ["<mask>"])}
@@ -28,9 +27,8 @@ def byte_tokenizers(max_length=77):
 
 
 class PoolVideoAE(nn.Module):
-    """Fixed video 'VAE': 8x8 average pool, RGB -> 4 channels by SCALE * A (A^T A = I), decoded by A^T / SCALE and
-    nearest upsampling: exact on frames constant over 8x8 blocks. SCALE: SD's scaling_factor (unit-scale latents)."""
-    factor, SCALE, STD = 8, 2.0, 0.01
+    """Fixed video 'VAE', exact on frames constant over 8x8 blocks: pooled RGB -> 4 channels by SCALE * A, A^T A = I."""
+    factor, SCALE, STD = 8, 2.0, 0.01  # SCALE: as SD's scaling_factor, for unit-scale latents
     A = torch.tensor([[1., 1, 1], [1, -1, 1], [1, 1, -1], [1, -1, -1]]) / 2  # (4, 3): Hadamard columns
 
     def encode(self, x):  # (N, 3, H, W) in [-1, 1] -> mean, std (N, 4, H/8, W/8)
@@ -43,8 +41,7 @@ class PoolVideoAE(nn.Module):
 
 
 class MelAE(nn.Module):
-    """Fixed audio 'VAE': log-mel (N, 1, 400, 64) -> time pairs averaged -> space-to-depth of 2 time x 4 mel bins = 8
-    channels (N, 8, 100, 16) -> (x - MU) / SIGMA: exact on mels constant over time pairs."""
+    """Fixed audio 'VAE', exact on mels constant over time pairs: their mean, 2 x 4 space-to-depth, (x - MU) / SIGMA."""
     MU, SIGMA, STD = -8.0, 3.5, 0.01  # log-mel spans [-11.5 (the 1e-5 floor), ~2]: latents of roughly unit scale
 
     def encode(self, mel):
@@ -60,8 +57,7 @@ class MelAE(nn.Module):
 
 
 class GriffinLim(nn.Module):
-    """Vocoder: log-mel (B, T, 64), time-major as SpeechT5HifiGan -> waveform (B, (T-1)*160) in [-1, 1]: the mel
-    filterbank's pseudo-inverse, then librosa.griffinlim's fast Griffin-Lim from a fixed random phase."""
+    """Vocoder: log-mel (B, T, 64) -> waveform (B, (T-1)*160) by mel pseudo-inverse and fast Griffin-Lim (librosa's)."""
 
     def __init__(self, n_iter=32, momentum=0.99):
         super().__init__()

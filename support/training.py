@@ -1,14 +1,11 @@
-"""What train.py's loop needs besides the paper (Sec. 4.1.2 gives only Adam, lr, batch and epochs): every draw of
-sample j of a step (caption dropout, VAE latent, t_v, t_a, eps) comes from its own generator seeded by (seed, step, j),
-j its index in the step's GLOBAL batch, and epoch e's data order is a permutation seeded by (seed, e). So a step
-depends on its number alone (a resumed run continues exactly) and is the same on 1 or 8 GPUs, with or without
-gradient accumulation."""
+"""What train.py's loop needs besides the paper (Sec. 4.1.2: Adam, lr, batch, epochs): sample j of a step draws
+(caption dropout, VAE latent, t_v, t_a, eps) from a generator seeded by (seed, step, j in the GLOBAL batch), epoch e's
+order from (seed, e): a step depends on its number alone (exact resume), the same on 1 or 8 GPUs, accumulated or not."""
 import contextlib
 import hashlib
 import math
 
 import torch
-from torch.nn.functional import pad
 
 
 def stream_seed(*key):
@@ -37,19 +34,17 @@ class SampleStreams:
 
 
 def encode(bases, batch, captions, rng):
-    """The frozen encoders: -> text_v, text_a and one draw x_v, x_a from the VAE latent distributions."""
-    with torch.no_grad():
-        text_v, text_a = bases.encode_text(captions)
-        mu_v, sd_v = bases.encode_video(batch["video"].to(bases.device))
-        mu_a, sd_a = bases.encode_audio(batch["mel"].to(bases.device))
+    """The frozen encoders (no_grad): -> text_v, text_a and one draw x_v, x_a from the VAE latent distributions."""
+    text_v, text_a = bases.encode_text(captions)
+    mu_v, sd_v = bases.encode_video(batch["video"].to(bases.device))
+    mu_a, sd_a = bases.encode_audio(batch["mel"].to(bases.device))
     return text_v, text_a, mu_v + sd_v * rng.randn(mu_v.shape), mu_a + sd_a * rng.randn(mu_a.shape)
 
 
 def pad_rows(x_a, model):
-    """(B, C, rows, M) -> zero rows appended up to the model's audio_rows_multiple (8 for time_align "index", as the
-    released model was trained; else 1: unchanged)."""
+    """(B, C, rows, M) -> zero rows up to the model's audio_rows_multiple (8 for time_align "index", as released)."""
     multiple = getattr(model, "module", model).audio_rows_multiple  # DDP wraps the model
-    return pad(x_a, (0, 0, 0, -x_a.shape[2] % multiple))
+    return torch.nn.functional.pad(x_a, (0, 0, 0, -x_a.shape[2] % multiple))
 
 
 def autocast(device, precision):
@@ -58,8 +53,7 @@ def autocast(device, precision):
 
 
 def split_batch(batch, world, micro=None):
-    """The global batch over `world` processes -> (micro-batch per process, accumulation steps); ValueError (one line)
-    when it does not split. micro None: batch / world, no accumulation."""
+    """The global batch over `world` processes -> (micro-batch, accumulation steps); micro None: no accumulation."""
     if batch % world:
         raise ValueError(f"--batch-size {batch} (the global batch) does not split over {world} processes")
     micro = micro or batch // world
@@ -69,9 +63,7 @@ def split_batch(batch, world, micro=None):
 
 
 def global_batches(dataset, seed, world, rank, micro, accum, step, steps, num_workers=0):
-    """-> (epoch, [(offset, micro-batch)] x accum) for steps step .. steps - 1. Epoch e is a permutation seeded by
-    (seed, e) cut into global batches of world * micro * accum clips (a last partial one is dropped); micro-batch a
-    of process r holds the global batch's clips offset .. offset + micro - 1, offset = (a * world + r) * micro."""
+    """-> (epoch, [(offset, micro-batch)] x accum) per step; an epoch's partial last global batch is dropped."""
     size = world * micro * accum
     per_epoch = len(dataset) // size
     offsets = [(a * world + rank) * micro for a in range(accum)]

@@ -1,7 +1,5 @@
-"""The released video connector's spatio-temporal attention (CoDi's; the paper says only "we followed the environment
-encoder of CoDi", Sec. 3.3.2 / App. A.2): frame f's context sees the motion around f. Three residual steps on
-(B, C, F, H, W) maps, with the released parameter names: attention across the frames of each pixel, a feed-forward
-that shifts half its channels one frame later, and a block that delays channel group i by i frames."""
+"""The released video connector's spatio-temporal attention (CoDi's, which the paper only names: Sec. 3.3.2 / App. A.2),
+so that frame f's context sees the motion around f: three residual steps on (B, C, F, H, W) maps, released names."""
 import math
 
 import torch

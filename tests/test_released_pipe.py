@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import sample
 from support import official_grid
-from support.released import load_pipe
+from support.loading import load_pipe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OFFICIAL = ROOT.parent / "shared" / "official_pipe"
