@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=cli.number(int, 1), help="default: --epochs over the data")
     p.add_argument("--lr", type=cli.number(float, 0, open_lo=True), default=1e-5, help="Sec. 4.1.2")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="Sec. 4.1.2: constant")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"], help="Sec. 4.1.2; official: AdamW 0.01")
+    p.add_argument("--weight-decay", type=cli.number(float, 0), default=0.0, help="0: Adam (Sec. 4.1.2); > 0: AdamW "
+                   "with this decoupled decay (official code: 0.01)")
     p.add_argument("--max-grad-norm", type=cli.number(float, 0), default=1.0, help="official code; 0: off")
     p.add_argument("--p-self-cond", type=cli.number(float, 0, 1), default=0.5, help="Chen et al. 2022; official")
     p.add_argument("--p-uncond", type=cli.number(float, 0, 1), default=0.1, help="caption dropout (official code)")
@@ -71,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--out", help="run folder; default runs/<data>-<size>-<conditioner>")
     p.add_argument("--ckpt-every", type=cli.number(int, 1), default=1000, help="steps between checkpoints")
+    p.add_argument("--keep", type=cli.number(int, 1), default=2, help="checkpoints kept, the newest")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--allow-changed-args", action="store_true", help="let --resume change the run's arguments")
     p.add_argument("--num-clips", type=cli.number(int, 1, 10 ** 6), help="use the first N training clips")
@@ -80,8 +82,6 @@ def parse_args(argv=None):
                    choices=["cpu", "cuda"][:1 + torch.cuda.is_available()], help="one GPU per process (torchrun)")
     p.set_defaults(**{**PAPER[known.data], **(TINY if known.size == "tiny" else {})})
     args = p.parse_args(argv)
-    if args.stage == "base" and args.size != "tiny":
-        cli.fail("--stage base trains the tiny base models only (the real ones are pretrained)")
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     args.out = args.out or f"runs/{args.data}-{args.size}-{args.conditioner if args.stage == 'joint' else 'base'}"
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
@@ -171,8 +171,8 @@ def train(args, stop):
         print(f"frozen weights stored in bf16: {cast_frozen(model, bases) / 2 ** 30:.2f} GiB saved")
     steps = args.max_steps or args.epochs * (len(dataset) // args.batch_size)
     params = model.set_trainable(args.stage)  # {name: param}, the only ones with requires_grad
-    Opt = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam  # AdamW: the official code's
-    opt = Opt(params.values(), lr=args.lr, **(dict(weight_decay=0.01) if args.optimizer == "adamw" else {}))
+    Opt = torch.optim.AdamW if args.weight_decay > 0 else torch.optim.Adam  # Adam: Sec. 4.1.2
+    opt = Opt(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.precision == "fp16")
     ema = EMAModel(params.values(), decay=args.ema_decay)  # diffusers' EMA, as the official --use_ema
     step = saved = 0
@@ -190,7 +190,7 @@ def train(args, stop):
     def save():  # rank 0 writes (DDP keeps the weights the same everywhere)
         if args.rank == 0:
             log.flush()
-            checkpoint.save(args.out, step, params, ema, opt, scaler, vars(args))
+            checkpoint.save(args.out, step, params, ema, opt, scaler, vars(args), args.keep)
         return step
     model.train()
     for epoch, micro_batches in data:

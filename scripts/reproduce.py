@@ -11,8 +11,7 @@ compared PAIRED, clip by clip (gamma only changes sampling: the gamma rows share
 histograms + frame-difference statistics), FD-mel (16 log-mel band energies). Bounds: real pairs (upper), real pairs
 through the tiny codecs, audio shuffled across clips (lower), the untrained joint model (the two base models alone).
 Every stage is skipped when its output exists: an interrupted run continues. Tune on --split val, never on test.
-Left out: the real data and base models (the paper's numbers are printed beside ours, not reproduced).
-"""
+Left out: the real data and base models (the paper's numbers are printed beside ours, not reproduced)."""
 import contextlib
 import json
 import time

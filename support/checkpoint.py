@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from support.media import write_atomic
 
 # train.py arguments that --resume may change: the GLOBAL batch fixes every draw, whatever the split over processes
-MAY_CHANGE = ("resume", "allow_changed_args", "ckpt_every", "num_workers", "device", "out", "rank", "world_size",
-              "micro_batch", "accumulation")
+MAY_CHANGE = ("resume", "allow_changed_args", "ckpt_every", "keep", "num_workers", "device", "out", "rank",
+              "world_size", "micro_batch", "accumulation")
 
 
 class CheckpointError(ValueError):

@@ -51,7 +51,8 @@ def read_given(path, video, fps, seconds):
         raise ValueError(f"{path}: not a readable {'video' if video else 'sound'} ({e})") from None
     if len(clip) < 0.5 * rate:
         raise ValueError(f"{path} lasts {len(clip) / rate:.2f} s; give at least 0.5 s")
-    print(f"{path}: {len(clip) / rate:.2f} s, {'cut' if len(clip) > seconds * rate else 'padded'} to {seconds:g} s")
+    how = "cut to" if len(clip) > seconds * rate else "padded to" if len(clip) < seconds * rate else "used whole:"
+    print(f"{path}: {len(clip) / rate:.2f} s, {how} {seconds:g} s")
     return clip[(np.arange(int(len(clip) / rate * fps)) * rate / fps).astype(int)] if video else (clip, rate)
 
 

@@ -14,10 +14,12 @@ import sample
 from av_align import read_video
 from model import build_model
 from pipeline import SoundingVideoPipeline
+from scripts import foley
 from support.media import write_mp4, write_wav
+from test_released_pipe import need_shared
 from timesteps import add_noise
 
-OFFICIAL = pathlib.Path("/work/shared/official_pipe/pipe")  # a released-format folder of tiny random models
+OFFICIAL = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "official_pipe" / "pipe"  # tiny, released
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +124,8 @@ def test_cli_v2a_keeps_the_video_and_a2v_keeps_the_sound(clip, tmp_path):
     assert np.abs(wave - source[np.arange(16000) * 22050 // 16000]).max() < 0.02  # the given sound, resampled
 
 
-@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="no released-format folder here")
 def test_pipeline_takes_frames_or_a_waveform_with_a_released_folder():
+    need_shared(OFFICIAL)
     pipe = SoundingVideoPipeline.from_pretrained(str(OFFICIAL), video_size=128)
     video = np.random.default_rng(0).random((10, 100, 150, 3), dtype=np.float32)  # float frames in [0, 1]
     out = pipe("a person hits a metal pan", video=video, seconds=1, num_inference_steps=2, generator=0, progress=False,
@@ -155,3 +157,21 @@ def test_bad_inputs_exit_2_with_one_line_before_any_model(clip, tmp_path, capsys
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert e.value.code == 2 and len(lines) == 1 and says in lines[0], (flags, lines)
     assert not (tmp_path / "o").exists()
+
+
+def test_event_f1_matches_one_to_one_within_a_frame():
+    assert foley.f1([0.5, 1.0, 1.1, 3.0], [0.5, 1.05, 2.0], fps=8) == pytest.approx(dict(precision=0.5, recall=2 / 3,
+                                                                                         f1=4 / 7))
+    assert foley.f1([], [1.0], fps=8)["f1"] == 0 and foley.f1([1.126], [1.0], fps=8)["f1"] == 0  # 1/8 s is the edge
+
+
+def test_dependence_is_zero_for_identity_added_modules_and_not_after_training(tiny):
+    """As built, the added modules are an exact identity: no U-Net can hear the other modality (change 0.0); the
+    perturbed ones of `tiny` can. The pooled contexts differ across clips either way."""
+    clips = foley.build_dataset("synthetic", "test", num_clips=3)
+    batch = torch.utils.data.default_collate([clips[i] for i in range(3)])
+    untrained, bases = build_model("tiny")
+    for model, listens in ((untrained, False), (tiny[0], True)):
+        for change_v, change_a, spread_v, spread_a in foley.dependence(model, bases, batch).values():
+            assert (change_v > 1e-3 and change_a > 1e-3) == listens and change_v >= 0 and change_a >= 0
+            assert spread_v > 0.01 and spread_a > 0.01
