@@ -39,11 +39,13 @@ def self_conditioning_input(x_t, x0_hat):
     return torch.cat([x_t, torch.zeros_like(x_t) if x0_hat is None else x0_hat], 1)
 
 
-def pool_sequence(z):
+def pool_sequence(z, center=False):
     """CMC-PE's context: (B, C_c, F, h, w) / (B, C_c, L_c, M) -> (B, C_c, L_c), the mean over the non-time axes.
-    released: then divided by its L2 norm over TIME (not channels), no epsilon."""
+    released: then divided by its L2 norm over TIME (not channels), no epsilon. center (not released; an experiment,
+    docs/results.md sec. 8): the temporal mean removed first, so that a channel's offset cannot flatten its profile."""
     z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
-    return z / torch.norm(z, dim=-1, keepdim=True)
+    z = z - z.mean(-1, keepdim=True) if center else z
+    return z / torch.norm(z, dim=-1, keepdim=True).clamp(min=1e-12 if center else 0)
 
 
 def pool_vector(z):

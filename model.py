@@ -7,6 +7,7 @@ sequences come first and the two U-Nets then run one after the other. Trainable:
 motion modules (App. A.2). The U-Net forwards are re-walked from their public submodules to insert the blocks; left
 out of the walk: ControlNet/T2I residuals, IP-adapter, GLIGEN, attention masks, cross_attention_kwargs, FreeInit.
 """
+import functools
 import math
 
 import torch
@@ -86,7 +87,7 @@ class JointModel(nn.Module):
     A video frame spans 1/fps s, an audio latent row sec_per_audio_latent (4 mel hops of 10 ms)."""
 
     def __init__(self, video_unet, audio_unet, conditioner="cmcpe", fps=8, sec_per_audio_latent=0.04,
-                 context_channels=None, head_dim=8, time_align="seconds"):
+                 context_channels=None, head_dim=8, time_align="seconds", center_context=False):
         super().__init__()
         if conditioner not in CONDITIONERS:
             raise ValueError(f"conditioner must be one of {sorted(CONDITIONERS)}, not {conditioner!r}")
@@ -98,7 +99,7 @@ class JointModel(nn.Module):
         ch_v, ch_a = video_unet.config.block_out_channels, audio_unet.config.block_out_channels
         C = context_channels or ch_v[-1]
         self.config = dict(conditioner=conditioner, fps=fps, sec_per_audio_latent=sec_per_audio_latent,
-                           context_channels=C, head_dim=head_dim, time_align=time_align)
+                           context_channels=C, head_dim=head_dim, time_align=time_align, center_context=center_context)
         self.audio_rows_multiple = 8 if time_align == "index" else 1  # 2**num_upsamplers: the released walk's need
         emb = lambda u: u.time_embedding.linear_2.out_features  # the frozen time embedding's width (4 x ch0)
         self.connector_v = Connector(video_unet.config.in_channels, ch_v[0], C, emb(video_unet), video=True)
@@ -148,6 +149,7 @@ class JointModel(nn.Module):
         baseline. They never see text: one call serves both halves of a classifier-free-guidance batch. held "v" / "a":
         that modality is given (sample.generate), so the sequence only its own U-Net would read is None."""
         pool, ctx_v, ctx_a = POOLS[self.config["conditioner"]], None, None
+        pool = functools.partial(pool, center=True) if self.config["center_context"] else pool  # an experiment
         if held != "a":
             ctx_v = pool(self._ckpt(self.connector_v, x_v, x0_v, time_embedding(self.video_unet, t_v)))  # [x_v ; x0_v]
         if held != "v":
@@ -193,12 +195,13 @@ def cast_frozen(model, bases, dtype=torch.bfloat16):
 
 
 def build_model(size, conditioner="cmcpe", device="cpu", dtype=torch.float32, fps=8, time_align="seconds",
-                **base_kwargs):
+                center_context=False, **base_kwargs):
     """-> (JointModel, BaseModels) of size "tiny" | "full" | "pretrained"; the joint model holds the base U-Nets
     themselves (not copies), with only the added and motion modules trainable."""
     bases = load_base_models(size, device=device, dtype=dtype, fps=fps, **base_kwargs)
     with torch.random.fork_rng(), torch.device(device):  # same initial added modules every build
         torch.manual_seed(0)
-        model = JointModel(bases.video_unet, bases.audio_unet, conditioner, fps=fps, time_align=time_align)
+        model = JointModel(bases.video_unet, bases.audio_unet, conditioner, fps=fps, time_align=time_align,
+                           center_context=center_context)
     model.to(dtype=dtype).set_trainable()
     return model, bases

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--mel", default="audioldm", choices=["audioldm", "official"], help="log-mel recipe (data.log_mel)")
     p.add_argument("--stage", default="joint", choices=["joint", "base"], help="base: tiny base U-Nets alone (Eq. 7)")
     p.add_argument("--conditioner", default="cmcpe", choices=["cmcpe", "crossattn"], help="Table 1 rows")
+    p.add_argument("--center-context", action="store_true", help="not released: docs/results.md sec. 8")
     p.add_argument("--time-align", default="seconds", choices=["seconds", "index"],
                    help="CMC-PE context onto feature time: by seconds (ours) or by index (the released model)")
     cli.add_base_args(p)

@@ -12,7 +12,7 @@ BASES = dict(video_base="stable-diffusion-v1-5/stable-diffusion-v1-5",
              motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2", audio_base="cvssp/audioldm-m-full")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # support/ lies in the repository root
 TINY_BASES = os.path.join(REPO, "weights", "tiny_bases.safetensors")  # the demo's bases: train.py --stage base
-BUILD_ARGS = ("time_align", *BASES, "snr_scale_v", "snr_scale_a")  # run-config keys that model.build_model takes
+BUILD_ARGS = ("time_align", "center_context", *BASES, "snr_scale_v", "snr_scale_a")  # run keys build_model takes
 
 
 def fail(message):
