@@ -76,8 +76,8 @@ def save(args, res, gamma, rows, source):
     body = "".join(f"<tr><td>{e(r['prompt'])}</td><td>{r['seed']}</td>" + "".join(
         f'<td><video controls preload="metadata" poster="{e(c["poster"])}" src="{e(c["file"])}"></video></td>'
         for c in rows[k::K]) + "</tr>\n" for k, r in enumerate(rows[:K]))
-    page = (f'<!doctype html>\n<meta charset="utf-8">\n<title>sounding videos</title>\n<p>{e(json.dumps(settings))}</p>'
-            "\n<table>\n<tr><th>prompt</th><th>seed</th>" + "".join(f"<th>gamma = {g}</th>" for g in gammas)
-            + f"</tr>\n{body}</table>\n")
+    head = '<!doctype html>\n<meta charset="utf-8">\n<title>sounding videos</title><style>video{width:256px}</style>\n'
+    page = (head + f"<p>{e(json.dumps(settings))}</p>\n<table>\n<tr><th>prompt</th><th>seed</th>"
+            + "".join(f"<th>gamma = {g}</th>" for g in gammas) + f"</tr>\n{body}</table>\n")
     write_atomic(os.path.join(args.out, "index.html"), lambda tmp: open(tmp, "w").write(page))
     return rows
