@@ -45,7 +45,8 @@ def pool_sequence(z, center=False):
     docs/results.md sec. 8): the temporal mean removed first, so that a channel's offset cannot flatten its profile."""
     z = z.mean(3).mean(3) if z.dim() == 5 else z.mean(3)
     z = z - z.mean(-1, keepdim=True) if center else z
-    return z / torch.norm(z, dim=-1, keepdim=True).clamp(min=1e-12 if center else 0)
+    norm = torch.norm(z, dim=-1, keepdim=True)
+    return z / (norm.clamp(min=1e-12) if center else norm)  # released: no epsilon
 
 
 def pool_vector(z):

@@ -93,6 +93,8 @@ class JointModel(nn.Module):
             raise ValueError(f"conditioner must be one of {sorted(CONDITIONERS)}, not {conditioner!r}")
         if time_align not in TIME_ALIGN:
             raise ValueError(f"time_align must be one of {TIME_ALIGN}, not {time_align!r}")
+        if center_context and conditioner != "cmcpe":
+            raise ValueError("center_context centres CMC-PE's context sequences: it needs conditioner 'cmcpe'")
         self.video_unet = video_unet
         self.audio_unet = audio_unet
         self.gradient_checkpointing = False

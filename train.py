@@ -164,7 +164,7 @@ def train(args, stop):
         model, bases = build_model(args.size, args.conditioner, device=args.device, fps=args.fps,
                                    tiny_bases=None if args.tiny_bases == "random" else args.tiny_bases,
                                    **{k: getattr(args, k) for k in cli.BUILD_ARGS})
-    except OSError as e:  # weights not available: one line
+    except (OSError, ValueError) as e:  # weights not available, a setting the model refuses: one line
         cli.fail(str(e).splitlines()[0])
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()

@@ -56,12 +56,20 @@ def read_given(path, video, fps, seconds):
     return clip[(np.arange(int(len(clip) / rate * fps)) * rate / fps).astype(int)] if video else (clip, rate)
 
 
+def clip_name(k, prompt, stem, seed, tag, args):
+    """<number>_<prompt slug><tag>, or the reference clip's stem (with _s<seed> and the tag only where they tell
+    clips apart) for a --captions list."""
+    if stem is None:
+        slug = "-".join("".join(c if c.isalnum() else " " for c in prompt).split())[:60]
+        return f"{k:04d}_{slug}{tag}"
+    return stem + (f"_s{seed}" if args.num_per_prompt > 1 else "") + (tag if len(args.gamma) > 1 else "")
+
+
 def save(args, res, gamma, rows, source):
     """One gamma's clips and posters, then manifest.jsonl and index.html (rows: clips, columns: gammas) -> the rows."""
     tag, stems = f"_g{gamma!r}", [s for s in args.stems for _ in range(args.num_per_prompt)]  # repr: never alike
-    names = [f"{k:04d}_{'-'.join(''.join(c if c.isalnum() else ' ' for c in p).split())[:60]}{tag}" if stem is None
-             else stem + (f"_s{s}" if args.num_per_prompt > 1 else "") + (tag if len(args.gamma) > 1 else "")
-             for k, (p, stem, s) in enumerate(zip(res["prompts"], stems, res["seeds"]))]
+    clips = zip(res["prompts"], stems, res["seeds"])
+    names = [clip_name(k, p, stem, s, tag, args) for k, (p, stem, s) in enumerate(clips)]
     save_clips(args.out, res, names)
     for name, video in zip(names, res["frames"]):  # the poster: the first frame, shown until the clip plays
         write_atomic(os.path.join(args.out, name + ".jpg"), lambda t, v=video[0]: Image.fromarray(v).save(t, "JPEG"))
