@@ -68,7 +68,6 @@ def timings(a, record):
     """Seconds per sampling and training step at --size on --device, random weights."""
     cuda = a.device.startswith("cuda")
     amp = torch.bfloat16 if cuda else None  # bf16 autocast on GPUs, fp32 on CPUs (as train.py and sample.py)
-
     sync = torch.cuda.synchronize if cuda else lambda: None  # CUDA runs asynchronously: wait for the kernels
 
     def median(fn, reps=a.reps):

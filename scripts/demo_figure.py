@@ -45,7 +45,6 @@ def main(argv=None):
         ax_a.vlines(onsets, -1, 1, colors="r", lw=0.8, label="audio onsets")
         ax_a.vlines(peaks, -1, 1, colors="g", lw=0.8, linestyles="dashed", label="flow peaks")
         ax_a.set_ylim(-1, 1)
-        ax_a.tick_params(labelsize=7)
     axes[0, 1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

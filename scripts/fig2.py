@@ -67,7 +67,6 @@ def curves(loss_v, loss_a, grid, gamma, scan=(1 / 3, 1 / 2, 2 / 3, 1, 1.5, 2, 3)
              a_audio=[loss_a[k] / loss_a[1] for k in grid], b_video=[loss_v[k] / loss_v[1] for k in m],
              b_audio=[loss_a[k] / loss_a[1] for k in n], gap_a=gap(loss_v, loss_a, 1), gap_b=gap(loss_v, loss_a, gamma))
     c["gap_by_gamma"] = {f"{g:.3g}": gap(loss_v, loss_a, g) for g in scan}
-    c["closest_gamma"] = float(min(scan, key=lambda g: c["gap_by_gamma"][f"{g:.3g}"]))
     return c
 
 
@@ -105,8 +104,7 @@ def plot(c, gamma, path, title):
 def parse_args(argv=None):
     p, pos = cli.Parser(description=__doc__.split("\n")[0]), cli.number(int, 1, 4096)
     p.add_argument("--size", default="tiny", choices=["tiny", "full", "pretrained"])
-    p.add_argument("--tiny-bases", default=cli.TINY_BASES, help="tiny: trained base U-Nets (a train.py --stage base "
-                   "checkpoint's ema.safetensors), or 'random'")
+    p.add_argument("--tiny-bases", default=cli.TINY_BASES, help="a --stage base ema file, or random")
     cli.add_base_args(p)
     p.add_argument("--data", default="synthetic", choices=["synthetic", "greatesthits", "landscape", "vggsound"])
     p.add_argument("--root", help="folder of prepared clips (as train.py)")
@@ -161,7 +159,7 @@ def main(argv=None):
                   predicted_gamma=predict_gamma(loss_v, loss_a))
     Path(a.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out} and its .json: mean |video - audio| gap {c['gap_a']:.3f} raw (a), {c['gap_b']:.3f} at "
-          f"gamma = {a.gamma:g} (b); closest at gamma = {c['closest_gamma']:.3g} of {list(c['gap_by_gamma'])}")
+          f"gamma = {a.gamma:g} (b); least at gamma = {result['predicted_gamma']:.3g} (predict_gamma)")
     return result
 
 

@@ -1,13 +1,11 @@
 """Sec. 3.4's conditional case in miniature: does the generated sound follow a given video (V2A), the generated video
 a given sound (A2V), and does each U-Net listen to the other modality at all? Not in the paper (it samples jointly).
 
-  python -m scripts.foley --ckpt runs/synthetic-tiny-cmcpe --out runs/foley/cmcpe      # --ckpt base: bases alone
+  python -m scripts.foley --ckpt runs/synthetic-tiny-cmcpe --out runs/foley/cmcpe  # --ckpt base: the bases alone
+  python -m scripts.foley --ckpt RUN --out OUT --diagnostic  # only dependence() over every checkpoint the run kept
 
-Held-out synthetic test clip i (noise seed NOISE + i) is given its own video (sound) or clip i+1's (the floor); the
-generated onsets (flow peaks) are matched to clip i's true hits (F1 at +-1 frame), AV-Align pairs them with the real
-partner; paired 95% CIs over clips. dependence(): the relative change of eps_v under another clip's audio input (of
-eps_a under another video) at a few noise levels and the pooled contexts' spread, for every checkpoint kept.
-"""
+Test clip i (noise seed NOISE + i) is given its own video (sound) or clip i+1's (the floor); generated onsets (flow
+peaks) vs clip i's true hits: F1 at +-1 frame; AV-Align with the real partner; paired 95% CIs over clips."""
 import json
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 import av_align
 from data import build_dataset
+from model import time_embedding
 from sample import generate_clips
 from scripts.reproduce import NOISE, paired
 from support import checkpoint, cli, training
@@ -41,7 +40,8 @@ def f1(pred, true, fps):
 @torch.no_grad()
 def dependence(model, bases, batch):
     """{level: (relative change of eps_v under another clip's audio, of eps_a under another clip's video, spread of
-    the pooled video context across clips, of the audio context)} on one batch of test clips."""
+    the pooled video context across clips, of the audio context, the video connector's offset ratio: median over
+    channels and clips of |temporal mean| / temporal std before the division)} on one batch of test clips."""
     text_v, text_a = bases.encode_text(batch["caption"])
     x0_v, x0_a = bases.encode_video(batch["video"])[0], bases.encode_audio(batch["mel"])[0]
     g = torch.Generator().manual_seed(0)
@@ -56,9 +56,11 @@ def dependence(model, bases, batch):
         t_b = torch.full((len(x_v),), t)
         spread = [((c - c.mean(0)).norm() / c.mean(0).norm() / len(c) ** 0.5).item()
                   for c in model.contexts(x_v, x_a, t_b, t_b)]
+        z = model.connector_v(x_v, None, time_embedding(model.video_unet, t_b)).mean((3, 4))  # pooled: (B, C, F)
+        offset = (z.mean(-1).abs() / z.std(-1)).median().item()  # what the released division by the norm flattens
         change_v = ((other_v - eps_v).norm() / eps_v.norm()).item()
         change_a = ((other_a - eps_a).norm() / eps_a.norm()).item()
-        out[t] = [change_v, change_a, *spread]
+        out[t] = [change_v, change_a, *spread, offset]
     return out
 
 
@@ -83,22 +85,25 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a train.py run (tiny), or 'base' for the base models alone")
     p.add_argument("--out", required=True, help="folder for foley.json (and dependence.json)")
     p.add_argument("--num-clips", type=cli.number(int, 2, 1000), default=32, help="held-out test clips")
+    p.add_argument("--diagnostic", action="store_true", help="only dependence.json, over the run's checkpoints")
     a = p.parse_args(argv)
-    if a.ckpt != "base":
-        cli.existing(a.ckpt, "--ckpt", folder=True)
+    run = None if a.ckpt == "base" else a.ckpt
+    if run:
+        cli.existing(run, "--ckpt", folder=True)
     (out := Path(a.out)).mkdir(parents=True, exist_ok=True)
-    model, bases, _ = load(None if a.ckpt == "base" else a.ckpt, size="tiny")
-    clips = [synthetic_clip(TEST_SEED + i) for i in range(a.num_clips)]
+    model, bases, _ = load(run, size="tiny")
     batch = torch.utils.data.default_collate([build_dataset("synthetic", "test", num_clips=8)[i] for i in range(8)])
-    if a.ckpt != "base":  # the diagnostic over the checkpoints the run kept
+    if run:  # the diagnostic over the checkpoints the run kept
         steps = {}
-        for step, folder in checkpoint.checkpoints(a.ckpt):
+        for step, folder in checkpoint.checkpoints(run):
             checkpoint.load_weights(model.set_trainable(), f"{folder}/ema.safetensors")
             steps[step] = dependence(model, bases, batch)
+            print(f"step {step}: {json.dumps(steps[step])}", flush=True)
         (out / "dependence.json").write_text(json.dumps(dict(levels=LEVELS, steps=steps), indent=1))
-        model, bases, _ = load(a.ckpt)  # the newest again
-    config = run_config(a.ckpt)[1] if a.ckpt != "base" else "base"
-    results = dict(config=config, dependence=dependence(model, bases, batch))
+        if a.diagnostic:
+            return  # (the model holds the newest checkpoint again: oldest first)
+    clips = [synthetic_clip(TEST_SEED + i) for i in range(a.num_clips)]
+    results = dict(config=run_config(run)[1] if run else "base", dependence=dependence(model, bases, batch))
     own, other = list(range(a.num_clips)), [(i + 1) % a.num_clips for i in range(a.num_clips)]
     for given in ("video", "audio"):
         rows = {k: foley(model, bases, clips, given, partner) for k, partner in (("own", own), ("other", other))}

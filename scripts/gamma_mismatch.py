@@ -39,8 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, two clips (what CI runs)")
     p.add_argument("--scale", type=cli.number(float, 1, 100, open_lo=True), default=4.0,
                    help="latent scale of the model that runs ahead (SNR x scale^2)")
-    p.add_argument("--gammas", type=cli.number(float, 0, 100, open_lo=True), nargs="+",
-                   help=f"the sweep, with 1 (full: {' '.join(f'{g:.3g}' for g in FULL['gammas'])}); plus the predicted")
+    p.add_argument("--gammas", type=cli.number(float, 0, 100, open_lo=True), nargs="+", help="the sweep, with 1")
     p.add_argument("--joint-steps", type=cli.number(int, 1), help=f"stage joint steps (full: {FULL['joint_steps']})")
     p.add_argument("--num-test", type=cli.number(int, 2, 256), help=f"test clips per row (full: {FULL['num_test']})")
     p.add_argument("--steps", type=cli.number(int, 1, 1000), help="global timesteps T of Alg. 1 (paper: 25)")

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import sample
+import train
 from av_align import read_video
 from model import build_model
 from pipeline import SoundingVideoPipeline
@@ -172,6 +173,17 @@ def test_dependence_is_zero_for_identity_added_modules_and_not_after_training(ti
     batch = torch.utils.data.default_collate([clips[i] for i in range(3)])
     untrained, bases = build_model("tiny")
     for model, listens in ((untrained, False), (tiny[0], True)):
-        for change_v, change_a, spread_v, spread_a in foley.dependence(model, bases, batch).values():
+        for change_v, change_a, spread_v, spread_a, offset in foley.dependence(model, bases, batch).values():
             assert (change_v > 1e-3 and change_a > 1e-3) == listens and change_v >= 0 and change_a >= 0
-            assert spread_v > 0.01 and spread_a > 0.01
+            assert spread_v > 0.01 and spread_a > 0.01 and 0 < offset < 100
+
+
+def test_diagnostic_mode_scores_every_kept_checkpoint_and_samples_nothing(tmp_path):
+    run = tmp_path / "run"
+    train.main(["--data", "synthetic", "--size", "tiny", "--max-steps", "2", "--batch-size", "1", "--num-clips", "2",
+                "--ckpt-every", "1", "--keep", "5", "--out", str(run)])
+    foley.main(["--ckpt", str(run), "--out", str(tmp_path / "diag"), "--diagnostic"])
+    out = json.loads((tmp_path / "diag" / "dependence.json").read_text())
+    assert sorted(out["steps"]) == ["1", "2"] and not (tmp_path / "diag" / "foley.json").exists()
+    assert all(len(levels) == len(foley.LEVELS) and all(len(v) == 5 for v in levels.values())
+               for levels in out["steps"].values())
