@@ -93,15 +93,15 @@ def main(argv=None):
     (out := Path(a.out)).mkdir(parents=True, exist_ok=True)
     model, bases, _ = load(run, size="tiny")
     batch = torch.utils.data.default_collate([build_dataset("synthetic", "test", num_clips=8)[i] for i in range(8)])
-    if run:  # the diagnostic over the checkpoints the run kept
-        steps = {}
-        for step, folder in checkpoint.checkpoints(run):
+    steps = {}  # the diagnostic over the checkpoints the run kept (step 0: the untrained model of --ckpt base)
+    for step, folder in checkpoint.checkpoints(run) if run else [(0, None)]:
+        if folder:
             checkpoint.load_weights(model.set_trainable(), f"{folder}/ema.safetensors")
-            steps[step] = dependence(model, bases, batch)
-            print(f"step {step}: {json.dumps(steps[step])}", flush=True)
-        (out / "dependence.json").write_text(json.dumps(dict(levels=LEVELS, steps=steps), indent=1))
-        if a.diagnostic:
-            return  # (the model holds the newest checkpoint again: oldest first)
+        steps[step] = dependence(model, bases, batch)
+        print(f"step {step}: {json.dumps(steps[step])}", flush=True)
+    (out / "dependence.json").write_text(json.dumps(dict(levels=LEVELS, steps=steps), indent=1))
+    if a.diagnostic:
+        return  # (the model holds the newest checkpoint again: oldest first)
     clips = [synthetic_clip(TEST_SEED + i) for i in range(a.num_clips)]
     results = dict(config=run_config(run)[1] if run else "base", dependence=dependence(model, bases, batch))
     own, other = list(range(a.num_clips)), [(i + 1) % a.num_clips for i in range(a.num_clips)]

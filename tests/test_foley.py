@@ -187,3 +187,5 @@ def test_diagnostic_mode_scores_every_kept_checkpoint_and_samples_nothing(tmp_pa
     assert sorted(out["steps"]) == ["1", "2"] and not (tmp_path / "diag" / "foley.json").exists()
     assert all(len(levels) == len(foley.LEVELS) and all(len(v) == 5 for v in levels.values())
                for levels in out["steps"].values())
+    foley.main(["--ckpt", "base", "--out", str(tmp_path / "base"), "--diagnostic"])  # step 0: the untrained model
+    assert list(json.loads((tmp_path / "base" / "dependence.json").read_text())["steps"]) == ["0"]
